@@ -1,0 +1,107 @@
+"""The Redis message contract between the gateway and the worker: key names, fields, encoding, TTLs.
+
+Flow: the gateway XADDs one job per image to the JOB_STREAM stream (at most QUEUE_MAXLEN jobs
+waiting or in progress), then blocks on the request's result list. Workers read jobs through the
+JOB_GROUP consumer group, RPUSH one result per job onto `result_key(request_id)` (a list that
+expires after RESULT_TTL_S), and only then XACK + XDEL the job. A job left pending by a dead
+worker is reclaimed with XAUTOCLAIM by another one, so delivery is at-least-once.
+A job whose deadline has passed is dropped unprocessed: its caller has already answered 504.
+"""
+import json
+import time
+from dataclasses import dataclass
+
+from common.settings import env_str
+
+STREAM = env_str("JOB_STREAM")
+GROUP = env_str("JOB_GROUP")
+RESULT_KEY_PREFIX = env_str("RESULT_KEY_PREFIX")
+# Set by workers while the model server reports a loaded version; the gateway's readiness and
+# its fast 503 depend on it, so it expires soon after the last worker stops seeing a model.
+MODEL_STATUS_KEY = env_str("MODEL_STATUS_KEY", "cifar10:model-status")
+MODEL_STATUS_TTL_S = 5
+# Long enough for a gateway that waited its full RESULT_TIMEOUT_S; short enough that results of
+# abandoned requests do not pile up.
+RESULT_TTL_S = 120
+
+# Stream entry fields (bytes, as redis-py returns them).
+F_REQUEST_ID = b"rid"
+F_INDEX = b"idx"
+F_DEADLINE_MS = b"deadline_ms"
+F_IMAGE = b"image"
+
+# Error codes a worker can put in a result; the gateway maps each to an HTTP status.
+INVALID_IMAGE = "invalid_image"
+IMAGE_TOO_LARGE = "image_too_large"
+MODEL_UNAVAILABLE = "model_unavailable"
+INFERENCE_FAILED = "inference_failed"
+
+
+def now_ms() -> int:
+    # Wall clock, not monotonic: deadlines cross processes and hosts (keep clocks NTP-synced).
+    return int(time.time() * 1000)
+
+
+def result_key(request_id: str) -> str:
+    return RESULT_KEY_PREFIX + request_id
+
+
+@dataclass(frozen=True)
+class Job:
+    request_id: str
+    index: int  # position of the image in its request
+    deadline_ms: int
+    image: bytes
+
+    def fields(self) -> dict[bytes, bytes]:
+        return {
+            F_REQUEST_ID: self.request_id.encode(),
+            F_INDEX: str(self.index).encode(),
+            F_DEADLINE_MS: str(self.deadline_ms).encode(),
+            F_IMAGE: self.image,
+        }
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> "Job":
+        return cls(
+            request_id=fields[F_REQUEST_ID].decode(),
+            index=int(fields[F_INDEX]),
+            deadline_ms=int(fields[F_DEADLINE_MS]),
+            image=fields[F_IMAGE],
+        )
+
+    def expired(self, at_ms: int | None = None) -> bool:
+        return (now_ms() if at_ms is None else at_ms) >= self.deadline_ms
+
+
+@dataclass(frozen=True)
+class Result:
+    index: int
+    model_version: int | None = None
+    labels: tuple[str, ...] = ()
+    probabilities: tuple[float, ...] = ()
+    error_code: str | None = None
+    error_message: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error_code is None
+
+    @classmethod
+    def failure(cls, index: int, code: str, message: str) -> "Result":
+        return cls(index=index, error_code=code, error_message=message)
+
+    def encode(self) -> bytes:
+        if self.ok:
+            body = {"i": self.index, "v": self.model_version, "l": self.labels, "p": self.probabilities}
+        else:
+            body = {"i": self.index, "e": self.error_code, "m": self.error_message}
+        return json.dumps(body, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "Result":
+        body = json.loads(raw)
+        if "e" in body:
+            return cls.failure(body["i"], body["e"], body["m"])
+        return cls(index=body["i"], model_version=body["v"], labels=tuple(body["l"]),
+                   probabilities=tuple(body["p"]))
