@@ -1,0 +1,1 @@
+"""LOCAL STAND-IN for tensorflow_model_server (see standin.py); production uses the real server."""
