@@ -1,0 +1,1 @@
+"""Preprocessing worker: Redis job stream -> Pillow -> TF Serving Predict over gRPC -> Redis results."""

@@ -1,0 +1,146 @@
+"""`python -m worker`: batch jobs from Redis, preprocess them, run them through TF Serving, answer."""
+import json
+import logging
+import signal
+import threading
+import time
+
+import grpc
+import numpy as np
+import redis
+
+from common import protocol
+from common.protocol import Job, Result
+from worker import metrics
+from worker.jobs import Entry, JobStream
+from worker.preprocess import ImageError, preprocess
+from worker.settings import Settings
+from worker.tfserving_client import TFServingClient
+
+log = logging.getLogger("worker")
+
+# gRPC codes after which the model server is treated as down (503 to the caller) rather than failing.
+UNAVAILABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.NOT_FOUND}
+Answered = tuple[bytes, Job, Result | None]
+
+
+def preprocess_jobs(entries: list[Entry], max_pixels: int) -> tuple[list[tuple[bytes, Job, np.ndarray]], list[Answered]]:
+    """Splits a batch into images ready for the model and jobs already answered (bad image, expired)."""
+    ready, answered = [], []
+    now = protocol.now_ms()
+    for entry_id, job in entries:
+        if job.expired(now):
+            metrics.EXPIRED_JOBS.inc()
+            answered.append((entry_id, job, None))
+            continue
+        started = time.perf_counter()
+        try:
+            ready.append((entry_id, job, preprocess(job.image, max_pixels)))
+        except ImageError as exc:
+            answered.append((entry_id, job, Result.failure(job.index, exc.code, str(exc))))
+        metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - started)
+    return ready, answered
+
+
+def predict_jobs(ready: list[tuple[bytes, Job, np.ndarray]], client: TFServingClient) -> list[Answered]:
+    """One Predict call for the whole batch; if it fails, every job in it gets the same error."""
+    metrics.BATCH_SIZE.observe(len(ready))
+    started = time.perf_counter()
+    try:
+        prediction = client.predict(np.stack([pixels for _, _, pixels in ready]))
+    except grpc.RpcError as exc:
+        metrics.GRPC_ERRORS.labels(exc.code().name).inc()
+        log.error("Predict failed: %s %s", exc.code().name, exc.details())
+        if exc.code() in UNAVAILABLE_CODES:
+            code, message = protocol.MODEL_UNAVAILABLE, "the model server is unavailable; try again shortly"
+        else:
+            code, message = protocol.INFERENCE_FAILED, f"the model server rejected the batch: {exc.code().name}"
+        return [(entry_id, job, Result.failure(job.index, code, message)) for entry_id, job, _ in ready]
+    finally:
+        metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
+    return [
+        (entry_id, job, Result(index=job.index, model_version=prediction.model_version,
+                               labels=tuple(prediction.labels[row]),
+                               probabilities=tuple(round(float(p), 6) for p in prediction.probabilities[row])))
+        for row, (entry_id, job, _) in enumerate(ready)
+    ]
+
+
+def process_batch(entries: list[Entry], client: TFServingClient, max_pixels: int) -> list[Answered]:
+    ready, answered = preprocess_jobs(entries, max_pixels)
+    if ready:
+        answered += predict_jobs(ready, client)
+    for _, _, result in answered:
+        if result is not None:
+            metrics.JOBS.labels("ok" if result.ok else result.error_code).inc()
+    return answered
+
+
+def publish_model_status(store: redis.Redis, client: TFServingClient, interval_s: float,
+                         stop: threading.Event) -> None:
+    """Keeps MODEL_STATUS_KEY set while the model server has a version loaded, for the gateway's
+    readiness and its fast 503; deletes it as soon as the model server stops answering."""
+    last_seen = None
+    while True:
+        try:
+            versions = client.available_versions()
+        except grpc.RpcError as exc:
+            versions = []
+            metrics.GRPC_ERRORS.labels(exc.code().name).inc()
+        try:
+            if versions:
+                store.set(protocol.MODEL_STATUS_KEY, json.dumps({"version": versions[-1]}),
+                          ex=protocol.MODEL_STATUS_TTL_S)
+            else:
+                store.delete(protocol.MODEL_STATUS_KEY)
+        except redis.RedisError as exc:
+            log.error("could not publish model status: %s", exc)
+        if versions[-1:] != last_seen:
+            log.info("model server reports %s", f"version {versions[-1]}" if versions else "no available version")
+            last_seen = versions[-1:]
+        if stop.wait(interval_s):
+            return
+
+
+def run(settings: Settings, stop: threading.Event) -> None:
+    store = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+    client = TFServingClient(settings.tfserving_address, settings.model_name,
+                             settings.grpc_timeout_s, settings.grpc_retries)
+    stream = JobStream(store, settings.consumer_name, settings.max_batch_size,
+                       settings.max_batch_wait_ms, settings.claim_idle_ms)
+    liveness = metrics.Liveness(stall_s=max(30.0, 3 * settings.grpc_timeout_s * (settings.grpc_retries + 1)))
+    metrics_server = metrics.serve_metrics(settings.metrics_port, liveness)
+    threading.Thread(target=publish_model_status, name="model-status", daemon=True,
+                     args=(store, client, settings.model_status_interval_s, stop)).start()
+    log.info("worker %s: redis %s, model server %s, batches of up to %d (wait %d ms)", settings.consumer_name,
+             settings.redis_url.split("@")[-1], settings.tfserving_address, settings.max_batch_size,
+             settings.max_batch_wait_ms)
+    group_ready = False
+    while not stop.is_set():
+        liveness.beat()
+        try:
+            if not group_ready:
+                stream.ensure_group()
+                group_ready = True
+            batch = stream.next_batch()
+            if batch:
+                stream.finish(process_batch(batch, client, settings.max_image_pixels))
+        except redis.RedisError as exc:  # Redis restarting: keep trying, jobs stay pending meanwhile
+            log.error("redis error: %s; retrying in 1 s", exc)
+            group_ready = False
+            stop.wait(1)
+    try:
+        stream.leave_group()
+    except redis.RedisError:
+        pass
+    metrics_server.shutdown()
+    client.close()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stop = threading.Event()
+    # Finish the batch in hand, then exit: a SIGTERM during a rollout loses nothing.
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    run(Settings.from_env(), stop)
