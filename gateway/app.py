@@ -1,0 +1,173 @@
+"""Flask app factory for the gateway: `gunicorn -c gateway/gunicorn.conf.py "gateway.app:create_app()"`."""
+import json
+import logging
+import time
+
+import redis
+from flask import Flask, Response, g, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from common import protocol
+from common.protocol import Result
+from gateway import metrics
+from gateway.jobs import JobQueue, ModelUnavailable, QueueFull, ResultTimeout
+from gateway.settings import Settings
+
+log = logging.getLogger("gateway")
+
+# HTTP status for each error code a worker can put in a result.
+RESULT_ERROR_STATUS = {
+    protocol.INVALID_IMAGE: 422,
+    protocol.IMAGE_TOO_LARGE: 422,
+    protocol.MODEL_UNAVAILABLE: 503,
+    protocol.INFERENCE_FAILED: 502,
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+
+
+def json_response(body: dict, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(json.dumps(body), status=status, headers=headers, mimetype="application/json")
+
+
+def error_body(code: str, message: str) -> dict:
+    return {"success": False, "error": {"code": code, "message": message}}
+
+
+def ranked_predictions(result: Result, top_k: int) -> list[dict]:
+    ranked = sorted(zip(result.labels, result.probabilities), key=lambda pair: pair[1], reverse=True)
+    return [{"label": label, "probability": probability} for label, probability in ranked[:top_k]]
+
+
+def image_body(result: Result, top_k: int) -> dict:
+    if not result.ok:
+        return error_body(result.error_code, result.error_message)
+    return {"success": True, "model_version": result.model_version,
+            "predictions": ranked_predictions(result, top_k)}
+
+
+def read_top_k() -> int:
+    raw = request.args.get("top_k", "10")
+    if not raw.isdigit() or not 1 <= int(raw) <= 10:
+        raise ApiError(400, "invalid_top_k", "top_k must be an integer from 1 to 10")
+    return int(raw)
+
+
+def read_images(max_images: int) -> list[bytes]:
+    files = request.files.getlist("image")
+    if not files:
+        other = sorted(request.files) or sorted(request.form)
+        hint = f" (got field {', '.join(repr(f) for f in other)})" if other else ""
+        raise ApiError(400, "missing_image",
+                       f"send the picture as a multipart/form-data file field named 'image'{hint}")
+    if len(files) > max_images:
+        raise ApiError(400, "too_many_images", f"at most {max_images} images per request, got {len(files)}")
+    images = [f.read() for f in files]
+    for index, data in enumerate(images):
+        if not data:
+            raise ApiError(400, "empty_image", f"image {index} ({files[index].filename!r}) is empty")
+    return images
+
+
+def predict_response(results: list[Result], top_k: int, retry_after_s: int) -> Response:
+    """One image: the original service's body. Several: one entry per image, in upload order.
+
+    If every image failed, the request fails with the first image's error and its status."""
+    if all(not r.ok for r in results):
+        first = results[0]
+        raise ApiError(RESULT_ERROR_STATUS.get(first.error_code, 500), first.error_code, first.error_message,
+                       retry_after=retry_after_s if first.error_code == protocol.MODEL_UNAVAILABLE else None)
+    if len(results) == 1:
+        return json_response(image_body(results[0], top_k))
+    return json_response({"success": all(r.ok for r in results),
+                          "results": [image_body(r, top_k) for r in results]})
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or Settings.from_env()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
+    store = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, health_check_interval=30)
+    queue = JobQueue(store, settings.queue_maxlen, settings.result_timeout_s)
+
+    @app.post("/predict")
+    def predict():
+        top_k = read_top_k()
+        images = read_images(settings.max_images_per_request)
+        metrics.IMAGES.inc(len(images))
+        try:
+            request_id = queue.submit(images)
+        except QueueFull:
+            raise ApiError(503, "queue_full", "too many requests in progress; retry shortly",
+                           retry_after=settings.retry_after_s) from None
+        except ModelUnavailable:
+            raise ApiError(503, "model_unavailable", "no model is being served right now; retry shortly",
+                           retry_after=settings.retry_after_s) from None
+        try:
+            results = queue.results(request_id, len(images))
+        except ResultTimeout:
+            raise ApiError(504, "timeout", f"no result within {settings.result_timeout_s:g} s") from None
+        return predict_response(results, top_k, settings.retry_after_s)
+
+    @app.get("/healthz")
+    def healthz():
+        return json_response({"status": "ok"})
+
+    @app.get("/readyz")
+    def readyz():
+        try:
+            status = queue.model_status()
+        except redis.RedisError:
+            return json_response({"ready": False, "reason": "redis unreachable"}, 503)
+        if status is None:
+            return json_response({"ready": False, "reason": "no model version loaded"}, 503)
+        return json_response({"ready": True, "model_version": json.loads(status)["version"]})
+
+    @app.get("/metrics")
+    def metrics_endpoint():
+        body, content_type = metrics.render(queue.depth)
+        return Response(body, content_type=content_type)
+
+    @app.before_request
+    def start_timer():
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def count_request(response: Response) -> Response:
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        metrics.REQUESTS.labels(endpoint, str(response.status_code)).inc()
+        if endpoint == "/predict":
+            metrics.PREDICT_SECONDS.observe(time.perf_counter() - g.started)
+        return response
+
+    @app.errorhandler(ApiError)
+    def api_error(exc: ApiError):
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        return json_response(error_body(exc.code, exc.message), exc.status, headers)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(_exc):
+        return json_response(error_body("payload_too_large",
+                                        f"the request is larger than {settings.max_upload_bytes} bytes"), 413)
+
+    @app.errorhandler(redis.RedisError)
+    def queue_down(exc):
+        log.error("redis error: %s", exc)
+        return json_response(error_body("queue_unavailable", "the job queue is unreachable; retry shortly"), 503,
+                             {"Retry-After": str(settings.retry_after_s)})
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        code = (exc.name or "error").lower().replace(" ", "_")
+        return json_response(error_body(code, exc.description or exc.name), exc.code)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc):
+        log.exception("unhandled error")
+        return json_response(error_body("internal_error", "unexpected server error"), 500)
+
+    return app
