@@ -26,7 +26,8 @@ $(VENV)/.installed: requirements-dev.txt training/requirements.txt gateway/requi
 data: $(DATA_DIR)/cifar-10-batches-py/batches.meta ## Get CIFAR-10 into data/ (offline copy from ../shared if present, else the official download)
 
 $(DATA_DIR)/cifar-10-batches-py/batches.meta:
-	@if [ -f "$(SHARED_CIFAR)" ]; then $(PY) $(SHARED_CIFAR) $(DATA_DIR); \
+	@if [ -f "$(SHARED_CIFAR)" ]; then $(PY) $(SHARED_CIFAR) $(DATA_DIR) && \
+		echo "CIFAR-10 (JPEG copy)" > $(DATA_DIR)/DATASET.txt; \
 	else $(PY) -m training.data download $(DATA_DIR); fi
 
 train: setup data ## Train one configuration: make train CONFIG=base3 EPOCHS=5 (resumes if interrupted)

@@ -1,0 +1,109 @@
+"""Every model of the study is a named configuration; `python -m training.configs` lists them.
+
+The seed's study (README in ../shared/seed) grows one VGG3 baseline step by step; its reported
+test accuracy is kept beside each configuration so the study table can compare.
+"""
+
+from dataclasses import asdict, dataclass, replace
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str
+    description: str
+    architecture: str = "vgg"            # "vgg" (the seed's) or "airbench" (the fast recipe)
+    vgg_blocks: int = 3                  # VGG blocks of two 3x3 convs + max-pool
+    widths: tuple = (32, 64, 128)        # filters per block
+    dense: tuple = (256, 256)            # hidden dense layers before the 10-way output
+    batchnorm: bool = False
+    l2: float = 0.0
+    block_dropout: tuple = ()            # dropout after each block, e.g. (0.2, 0.3, 0.4)
+    dense_dropout: float = 0.0
+    augmentation: str = "none"           # "none", "seed" (rotate 10, shift 0.1, flip), "crop_flip"
+    crop_pixels: int = 2                 # max translation for crop_flip
+    preprocessing: str = "centering"     # "centering" (x/255) or "normalization" (train mean/std)
+    optimizer: str = "sgd"               # "sgd" (momentum 0.9), "nesterov" or "adam"
+    learning_rate: float = 0.001
+    schedule: str = "constant"           # "constant", "step" (fine-tune phase), "onecycle"
+    warmup_fraction: float = 0.2         # onecycle: linear ramp up, then linear decay to 0
+    fine_tune_epochs: int = 0            # "step": the last epochs run at fine_tune_lr
+    fine_tune_lr: float = 1e-4
+    weight_decay: float = 0.0            # decoupled, for the fast recipe's SGD
+    label_smoothing: float = 0.0
+    batch_size: int = 64
+    epochs: int = 100
+    flip_tta: bool = False               # average logits of the image and its mirror at test time
+    seed: int = 0
+    reported_accuracy: float | None = None  # the seed README's test accuracy, for the study table
+    reported_epochs: int | None = None
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def _vgg3(**changes):
+    return replace(BASE3, **changes)
+
+
+BASE1 = TrainConfig("base1", "1 VGG block (32), Dense 256-256-10, SGD 0.001 momentum 0.9",
+                    vgg_blocks=1)
+BASE2 = replace(BASE1, name="base2", description="2 VGG blocks (32, 64), otherwise as base1",
+                vgg_blocks=2)
+BASE3 = replace(BASE1, name="base3", description="3 VGG blocks (32, 64, 128): the baseline the study builds on",
+                vgg_blocks=3, reported_accuracy=70.0)
+
+SEED_FINAL_CHANGES = dict(
+    batchnorm=True, l2=1e-4, block_dropout=(0.2, 0.3, 0.4), dense_dropout=0.5, dense=(128,),
+    augmentation="seed", optimizer="adam", learning_rate=3e-4, batch_size=64,
+)
+
+CONFIGS = {c.name: c for c in [
+    BASE1,
+    BASE2,
+    BASE3,
+    _vgg3(name="vgg3_bn", description="base3 + BatchNorm after every conv and dense layer",
+          batchnorm=True, reported_accuracy=82.37),
+    _vgg3(name="vgg3_l2", description="base3 + L2 weight regularization 1e-4",
+          l2=1e-4, reported_accuracy=75.56),
+    _vgg3(name="vgg3_dropout", description="base3 + Dropout 0.2/0.3/0.4 after the blocks, 0.5 dense",
+          block_dropout=(0.2, 0.3, 0.4), dense_dropout=0.5, reported_accuracy=79.04),
+    _vgg3(name="vgg3_aug", description="base3 + augmentation: rotation 10 deg, shifts 0.1, horizontal flip",
+          augmentation="seed", reported_accuracy=84.69),
+    _vgg3(name="final_centered", description="BN + L2 + Dropout + augmentation, Dense 128, Adam 1e-3, x/255",
+          **{**SEED_FINAL_CHANGES, "learning_rate": 1e-3}, epochs=75,
+          reported_accuracy=86.65, reported_epochs=75),
+    _vgg3(name="final_normalized", description="final_centered with per-channel normalization",
+          **{**SEED_FINAL_CHANGES, "learning_rate": 1e-3}, preprocessing="normalization", epochs=75,
+          reported_accuracy=87.33, reported_epochs=75),
+    _vgg3(name="final", description="the seed's final model: normalized, Adam 3e-4 for 250 epochs, then 25 at 1e-4",
+          **SEED_FINAL_CHANGES, preprocessing="normalization", schedule="step",
+          epochs=275, fine_tune_epochs=25, fine_tune_lr=1e-4,
+          reported_accuracy=90.87, reported_epochs=275),
+    TrainConfig(
+        "fast", "airbench-style net for 2 CPU cores: ReLU, BN, frozen whitening stem, crop+flip, "
+                "label smoothing, Nesterov SGD one-cycle, flip TTA",
+        architecture="airbench", widths=(32, 64, 128), augmentation="crop_flip", crop_pixels=2,
+        preprocessing="normalization", optimizer="nesterov", learning_rate=0.2, schedule="onecycle",
+        warmup_fraction=0.2, weight_decay=5e-4, label_smoothing=0.2, batch_size=256, epochs=10,
+        flip_tta=True),
+]}
+CONFIGS["default"] = replace(
+    CONFIGS["fast"], name="default",
+    description="the shipped model: the fast recipe, wider and trained longer",
+    widths=(48, 96, 192), epochs=16)
+# One epoch on a small slice: what the tests train.
+CONFIGS["tiny"] = replace(CONFIGS["fast"], name="tiny", description="smoke test: a very small fast net",
+                          widths=(8, 16, 16), batch_size=64, epochs=1)
+SEED_STUDY = ["base1", "base2", "base3", "vgg3_bn", "vgg3_l2", "vgg3_dropout", "vgg3_aug",
+              "final_centered", "final_normalized", "final"]
+
+
+def get_config(name, **overrides):
+    if name not in CONFIGS:
+        raise KeyError(f"unknown config {name!r}; choose from: {', '.join(CONFIGS)}")
+    return replace(CONFIGS[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+if __name__ == "__main__":
+    for config in CONFIGS.values():
+        print(f"{config.name:18s} {config.epochs:4d} epochs  {config.description}")

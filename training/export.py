@@ -1,0 +1,81 @@
+"""Export a trained model as a SavedModel that TensorFlow Serving loads.
+
+Contract (the worker depends on it): signature `serving_default`, input `images` uint8
+[N, 32, 32, 3] RGB; outputs `probabilities` float32 [N, 10] (softmax) and `classes` string
+[N, 10] (class names in the order of the probabilities; the batch dimension is kept so TF
+Serving's server-side batching can split the outputs). All preprocessing is inside the graph.
+
+Layout: `<base_path>/<integer version>/`, written to a hidden temporary directory first and
+renamed into place, so a server polling base_path never sees a half-written version.
+"""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+import keras
+
+from training.data import CLASS_NAMES
+
+SIGNATURE = "serving_default"
+INPUT = "images"
+
+
+def existing_versions(base_path):
+    base = Path(base_path)
+    return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()) if base.is_dir() else []
+
+
+def next_version(base_path):
+    versions = existing_versions(base_path)
+    return versions[-1] + 1 if versions else 1
+
+
+def serving_function(model, flip_tta):
+    classes = tf.constant(CLASS_NAMES)
+
+    def serve(images):
+        pixels = tf.cast(images, tf.float32)
+        logits = model(pixels, training=False)
+        if flip_tta:
+            logits = (logits + model(tf.image.flip_left_right(pixels), training=False)) / 2
+        batch = tf.shape(images)[0]
+        return {"probabilities": tf.nn.softmax(logits),
+                "classes": tf.tile(classes[tf.newaxis], [batch, 1])}
+    return serve
+
+
+def export_savedmodel(model, base_path, version=None, flip_tta=False):
+    """Write `model` as version `version` (default: the next integer) under base_path."""
+    base = Path(base_path)
+    base.mkdir(parents=True, exist_ok=True)
+    version = version or next_version(base)
+    final = base / str(version)
+    if final.exists():
+        raise FileExistsError(f"{final} exists: versions are immutable, pick a new one")
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(SIGNATURE, serving_function(model, flip_tta),
+                         input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8, name=INPUT)])
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=base))  # not an integer: servers skip it
+    try:
+        archive.write_out(str(staging), verbose=False)
+        os.chmod(staging, 0o755)
+        os.rename(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def load_serving_fn(export_dir):
+    return tf.saved_model.load(str(export_dir)).signatures[SIGNATURE]
+
+
+def predict_exported(export_dir, images, batch_size=500):
+    """Probabilities from the exported SavedModel for uint8 images."""
+    serve = load_serving_fn(export_dir)
+    return np.concatenate([serve(**{INPUT: tf.constant(images[i:i + batch_size])})["probabilities"].numpy()
+                           for i in range(0, len(images), batch_size)])

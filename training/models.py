@@ -1,0 +1,111 @@
+"""Keras models for the configurations: the seed's VGG family and the fast airbench-style net.
+
+Every model takes raw pixels (float 0-255, [N, 32, 32, 3]) and returns logits: preprocessing
+and augmentation live inside the model, so the exported graph and the training loop agree.
+"""
+
+import numpy as np
+import keras
+from keras import layers
+
+from training.data import channel_stats
+
+
+def preprocessing_layer(config, mean, std):
+    if config.preprocessing == "centering":
+        return layers.Rescaling(1 / 255, name="centering")
+    if config.preprocessing == "normalization":
+        return layers.Normalization(mean=list(mean), variance=list(np.square(std)), name="normalization")
+    raise ValueError(f"unknown preprocessing {config.preprocessing!r}")
+
+
+def augmentation_layers(config):
+    """Active only in training; their seed state is saved with the weights, so resumes agree."""
+    if config.augmentation == "none":
+        return []
+    if config.augmentation == "seed":
+        return [layers.RandomRotation(10 / 360, fill_mode="nearest", seed=config.seed),
+                layers.RandomTranslation(0.1, 0.1, fill_mode="nearest", seed=config.seed + 1),
+                layers.RandomFlip("horizontal", seed=config.seed + 2)]
+    if config.augmentation == "crop_flip":
+        shift = config.crop_pixels / 32
+        return [layers.RandomTranslation(shift, shift, fill_mode="reflect", interpolation="nearest",
+                                         seed=config.seed),
+                layers.RandomFlip("horizontal", seed=config.seed + 1)]
+    raise ValueError(f"unknown augmentation {config.augmentation!r}")
+
+
+def vgg_network(x, config):
+    """The seed's VGG: blocks of two 3x3 convs + max-pool, then dense layers."""
+    regularizer = keras.regularizers.l2(config.l2) if config.l2 else None
+    conv = dict(kernel_size=3, padding="same", kernel_initializer="he_uniform",
+                kernel_regularizer=regularizer)
+
+    def activate(x):
+        if config.batchnorm:
+            x = layers.BatchNormalization()(x)
+        return layers.Activation("relu")(x)
+
+    for i in range(config.vgg_blocks):
+        x = activate(layers.Conv2D(config.widths[i], **conv)(x))
+        x = activate(layers.Conv2D(config.widths[i], **conv)(x))
+        x = layers.MaxPooling2D(2)(x)
+        if config.block_dropout:
+            x = layers.Dropout(config.block_dropout[i])(x)
+    x = layers.Flatten()(x)
+    for units in config.dense:
+        x = activate(layers.Dense(units, kernel_initializer="he_uniform", kernel_regularizer=regularizer)(x))
+        if config.dense_dropout:
+            x = layers.Dropout(config.dense_dropout)(x)
+    return layers.Dense(10, name="logits")(x)
+
+
+def whitening_kernel(x, eps=5e-4):
+    """2x2 patch-whitening filters (and their negatives) from training images: the first layer
+    starts out decorrelating its input, which saves epochs (airbench, Page's ResNet-9 notes)."""
+    patches = np.lib.stride_tricks.sliding_window_view(x, (2, 2), axis=(1, 2))  # N,31,31,3,2,2
+    patches = patches.transpose(0, 1, 2, 4, 5, 3).reshape(-1, 12)
+    patches = patches - patches.mean(axis=0)
+    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(patches, rowvar=False))
+    filters = (eigenvectors / np.sqrt(eigenvalues + eps)).T.reshape(12, 2, 2, 3)
+    filters = np.concatenate([filters, -filters])  # 24 filters: ReLU keeps both signs
+    return filters.transpose(1, 2, 3, 0).astype(np.float32)  # HWIO
+
+
+def airbench_network(x, config, whitening_sample):
+    """A frozen whitening stem, then conv-pool-BN-ReLU-conv-BN-ReLU blocks (Keller Jordan's
+    airbench, with ReLU instead of GELU: on 2 CPU cores GELU doubles the step time)."""
+    bn = dict(momentum=0.6, epsilon=1e-5, scale=False)
+    whiten = layers.Conv2D(24, 2, padding="valid", name="whiten")
+    x = whiten(x)
+    whiten.kernel.assign(whitening_kernel(whitening_sample))
+    whiten.kernel.trainable = False
+    x = layers.Activation("relu")(x)
+    for width in config.widths:
+        x = layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
+        x = layers.MaxPooling2D(2)(x)
+        x = layers.Activation("relu")(layers.BatchNormalization(**bn)(x))
+        x = layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
+        x = layers.Activation("relu")(layers.BatchNormalization(**bn)(x))
+    x = layers.GlobalMaxPooling2D()(x)
+    return layers.Dense(10, use_bias=False, name="logits")(x)
+
+
+def build_model(config, train_images):
+    """A functional model: raw pixels -> [augmentation] -> preprocessing -> network -> logits.
+    The normalization statistics come from `train_images` only."""
+    mean, std = channel_stats(train_images)
+    preprocess = preprocessing_layer(config, mean, std)
+    inputs = keras.Input((32, 32, 3), name="pixels")
+    x = inputs
+    for layer in augmentation_layers(config):
+        x = layer(x)
+    x = preprocess(x)
+    if config.architecture == "vgg":
+        logits = vgg_network(x, config)
+    elif config.architecture == "airbench":
+        sample = keras.ops.convert_to_numpy(preprocess(train_images[:5000].astype("float32")))
+        logits = airbench_network(x, config, sample)
+    else:
+        raise ValueError(f"unknown architecture {config.architecture!r}")
+    return keras.Model(inputs, logits, name=config.name)

@@ -1,0 +1,60 @@
+"""PNG figures for a run: learning curves, confusion matrix, misclassified images."""
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: training runs headless
+import matplotlib.pyplot as plt
+import numpy as np
+
+from training.data import CLASS_NAMES
+
+
+def plot_history(history, path, title=""):
+    """Train/test loss and accuracy per epoch, as in the seed's plots."""
+    if not history:
+        return
+    epochs = [row["epoch"] for row in history]
+    fig, (loss_ax, acc_ax) = plt.subplots(2, 1, figsize=(8, 8), sharex=True)
+    for ax, metric in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+        ax.plot(epochs, [row[metric] for row in history], color="tab:blue", label="train")
+        ax.plot(epochs, [row.get(f"val_{metric}", np.nan) for row in history], color="tab:orange", label="test")
+        ax.set_title(f"{'Cross entropy loss' if metric == 'loss' else 'Classification accuracy'}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    acc_ax.set_xlabel("epoch")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion_matrix(matrix, path):
+    fig, ax = plt.subplots(figsize=(8, 7))
+    image = ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(10), CLASS_NAMES, rotation=45, ha="right")
+    ax.set_yticks(range(10), CLASS_NAMES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for (i, j), count in np.ndenumerate(matrix):
+        ax.text(j, i, count, ha="center", va="center", fontsize=7,
+                color="white" if count > matrix.max() / 2 else "black")
+    fig.colorbar(image)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_misclassified(images, labels, predictions, confidences, path, count=36):
+    """The most confident mistakes: what the model gets wrong and how sure it is."""
+    wrong = np.flatnonzero(predictions != labels)
+    wrong = wrong[np.argsort(-confidences[wrong])][:count]
+    side = int(np.ceil(np.sqrt(max(len(wrong), 1))))
+    fig, axes = plt.subplots(side, side, figsize=(1.6 * side, 1.8 * side))
+    for ax in np.ravel(axes):
+        ax.axis("off")
+    for ax, i in zip(np.ravel(axes), wrong):
+        ax.imshow(images[i])
+        ax.set_title(f"{CLASS_NAMES[predictions[i]]} {confidences[i]:.0%}\n(is {CLASS_NAMES[labels[i]]})", fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

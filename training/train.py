@@ -1,0 +1,273 @@
+"""Train one configuration into a run directory, resuming from its last epoch checkpoint.
+
+    python -m training.train --config fast --data data --run-dir runs/fast [--epochs N]
+        [--export-base models/cifar10]
+
+The run directory gets: config.json, metrics.csv (one row per epoch), tensorboard/, history.png,
+checkpoints/ (the last completed epoch), evaluation/ (report, confusion matrix, misclassified
+images) and, with --export-base, the exported SavedModel's path in export.json. Killed at any
+point, the same command continues from the last completed epoch and ends where an
+uninterrupted run would. The test split is only ever evaluated, never trained on.
+"""
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+import keras
+
+from training.configs import CONFIGS, get_config
+from training.data import CifarDataError, dataset_label, ensure_cifar10, load_cifar10
+from training.evaluate import write_evaluation
+from training.export import export_savedmodel
+from training.models import build_model
+from training.plots import plot_history
+
+STATE = "state.json"
+
+
+def write_atomically(path, text):
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --- data ---------------------------------------------------------------------------------
+
+def training_batches(split, config, first_epoch, steps_per_epoch):
+    """Batches for epochs first_epoch.. in an order fixed by (seed, epoch), so a resumed run
+    sees exactly the batches an uninterrupted one would."""
+    images, labels = tf.constant(split.images), tf.one_hot(split.labels, 10)
+    n = len(split.labels)
+
+    def epoch_order(epoch):
+        order = tf.random.experimental.stateless_shuffle(tf.range(n), seed=tf.stack([config.seed, epoch]))
+        return tf.data.Dataset.from_tensor_slices(order[:steps_per_epoch * config.batch_size])
+
+    return (tf.data.Dataset.range(first_epoch, 1 << 30)
+            .flat_map(epoch_order)
+            .batch(config.batch_size, drop_remainder=True)
+            .map(lambda idx: (tf.cast(tf.gather(images, idx), tf.float32), tf.gather(labels, idx)))
+            .prefetch(2))
+
+
+def test_batches(split, batch_size=500):
+    return (tf.data.Dataset.from_tensor_slices((split.images, tf.one_hot(split.labels, 10)))
+            .batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y)).prefetch(2))
+
+
+# --- model --------------------------------------------------------------------------------
+
+def learning_rate(config, steps_per_epoch):
+    total = config.epochs * steps_per_epoch
+    if config.schedule == "constant":
+        return config.learning_rate
+    if config.schedule == "step":
+        boundary = (config.epochs - config.fine_tune_epochs) * steps_per_epoch
+        return keras.optimizers.schedules.PiecewiseConstantDecay(
+            [boundary], [config.learning_rate, config.fine_tune_lr])
+    if config.schedule == "onecycle":
+        return OneCycle(config.learning_rate, total, config.warmup_fraction)
+    raise ValueError(f"unknown schedule {config.schedule!r}")
+
+
+@keras.saving.register_keras_serializable("cifar10")
+class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up to `peak`, then linear decay to zero at `total_steps`."""
+
+    def __init__(self, peak, total_steps, warmup_fraction):
+        self.peak, self.total_steps, self.warmup_fraction = peak, total_steps, warmup_fraction
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        warmup = max(1.0, self.warmup_fraction * self.total_steps)
+        rise = step / warmup
+        fall = (self.total_steps - step) / max(1.0, self.total_steps - warmup)
+        return self.peak * keras.ops.clip(keras.ops.minimum(rise, fall), 0.0, 1.0)
+
+    def get_config(self):
+        return dict(peak=self.peak, total_steps=self.total_steps, warmup_fraction=self.warmup_fraction)
+
+
+def make_optimizer(config, steps_per_epoch):
+    lr = learning_rate(config, steps_per_epoch)
+    if config.optimizer == "adam":
+        return keras.optimizers.Adam(lr)
+    if config.optimizer in ("sgd", "nesterov"):
+        return keras.optimizers.SGD(lr, momentum=0.9, nesterov=config.optimizer == "nesterov",
+                                    weight_decay=config.weight_decay or None)
+    raise ValueError(f"unknown optimizer {config.optimizer!r}")
+
+
+def compile_model(model, config, steps_per_epoch):
+    model.compile(
+        optimizer=make_optimizer(config, steps_per_epoch),
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+    )
+
+
+# --- checkpoints --------------------------------------------------------------------------
+
+def seed_states(model):
+    """Augmentation/dropout RNG states: save_weights leaves them out, a faithful resume needs them."""
+    return {v.path: v for v in model.variables if v.path.endswith("seed_generator_state")}
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """After every epoch: weights + optimizer (a new file), then state.json pointing at it
+    (atomic rename), then metrics.csv. A kill at any moment leaves a consistent last epoch."""
+
+    def __init__(self, run_dir, history, wall_time):
+        super().__init__()
+        self.run_dir, self.history, self.wall_time = Path(run_dir), history, wall_time
+        (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = time.perf_counter() - self.epoch_start
+        self.wall_time += seconds
+        row = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()},
+               "epoch_seconds": round(seconds, 2), "wall_seconds": round(self.wall_time, 2)}
+        self.history.append(row)
+        weights = self.run_dir / "checkpoints" / f"epoch-{epoch + 1:04d}.weights.h5"
+        self.model.save_weights(weights)
+        state = {"epoch": epoch + 1, "weights": weights.name, "wall_seconds": self.wall_time,
+                 "history": self.history,
+                 "seed_states": {k: np.asarray(v).tolist() for k, v in seed_states(self.model).items()}}
+        write_atomically(self.run_dir / STATE, json.dumps(state))
+        write_metrics_csv(self.run_dir / "metrics.csv", self.history)
+        for old in (self.run_dir / "checkpoints").glob("epoch-*.weights.h5"):
+            if old != weights:
+                old.unlink()
+        print(f"epoch {epoch + 1}: {seconds:.1f}s (total {self.wall_time:.0f}s) "
+              f"train acc {logs['accuracy']:.4f} test acc {logs.get('val_accuracy', float('nan')):.4f}",
+              flush=True)
+
+
+def write_metrics_csv(path, history):
+    tmp = Path(f"{path}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+
+
+def restore(model, run_dir):
+    """The state of the last completed epoch, loaded into `model`; None for a fresh run."""
+    state_path = Path(run_dir) / STATE
+    if not state_path.exists():
+        return None
+    state = json.loads(state_path.read_text())
+    model.optimizer.build(model.trainable_variables)
+    model.load_weights(Path(run_dir) / "checkpoints" / state["weights"])
+    for path, variable in seed_states(model).items():
+        variable.assign(state["seed_states"][path])
+    return state
+
+
+def check_same_config(run_dir, config):
+    """A run directory belongs to one configuration; only the epoch budget may change."""
+    path = Path(run_dir) / "config.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        current = json.loads(json.dumps(asdict(config)))
+        differing = sorted(k for k in current if k != "epochs" and saved.get(k) != current[k])
+        if differing:
+            sys.exit(f"error: {run_dir} holds a run of a different configuration ({', '.join(differing)} "
+                     f"differ); use another --run-dir")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, json.dumps(asdict(config), indent=2))
+
+
+# --- the run --------------------------------------------------------------------------------
+
+def train(config, data, run_dir, export_base=None, train_limit=None, test_limit=None, verbose=None):
+    keras.utils.set_random_seed(config.seed)
+    run_dir = Path(run_dir)
+    check_same_config(run_dir, config)
+    train_split, test_split = load_cifar10(ensure_cifar10(data))
+    if train_limit:
+        train_split = train_split.take(train_limit)
+    if test_limit:
+        test_split = test_split.take(test_limit)
+
+    model = build_model(config, train_split.images)
+    steps_per_epoch = len(train_split.labels) // config.batch_size
+    compile_model(model, config, steps_per_epoch)
+    state = restore(model, run_dir)
+    first_epoch = state["epoch"] if state else 0
+    history = state["history"] if state else []
+    if first_epoch:
+        print(f"resuming {run_dir} after epoch {first_epoch}/{config.epochs}", flush=True)
+
+    if first_epoch < config.epochs:
+        print(f"training {config.name}: {len(train_split.labels)} train images, {steps_per_epoch} steps "
+              f"of {config.batch_size} per epoch, {config.epochs} epochs", flush=True)
+        model.fit(
+            training_batches(train_split, config, first_epoch, steps_per_epoch),
+            steps_per_epoch=steps_per_epoch, initial_epoch=first_epoch, epochs=config.epochs,
+            validation_data=test_batches(test_split), shuffle=False,
+            callbacks=[EpochCheckpoint(run_dir, history, state["wall_seconds"] if state else 0.0),
+                       keras.callbacks.TensorBoard(run_dir / "tensorboard")],
+            verbose=verbose if verbose is not None else (1 if sys.stdout.isatty() else 2),
+        )
+    plot_history(history, run_dir / "history.png", title=f"{config.name}: {config.description}")
+    evaluation = write_evaluation(model, config, test_split, run_dir / "evaluation", dataset_label(data))
+    if export_base:
+        export_once(model, config, run_dir, export_base)
+    return evaluation
+
+
+def export_once(model, config, run_dir, export_base):
+    """One exported version per run: re-running a finished command does not add versions."""
+    record = run_dir / "export.json"
+    if record.exists():
+        print(f"already exported: {json.loads(record.read_text())['path']}")
+        return
+    path = export_savedmodel(model, export_base, flip_tta=config.flip_tta)
+    write_atomically(record, json.dumps({"path": str(path), "version": int(path.name)}))
+    print(f"exported {path}")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="fast", choices=sorted(CONFIGS))
+    parser.add_argument("--epochs", type=int, help="epoch budget (default: the configuration's)")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--data", default="data", help="data dir, cifar-10-batches-py/ or the tarball")
+    parser.add_argument("--run-dir", help="default: runs/<config>")
+    parser.add_argument("--export-base", help="also export a new SavedModel version under this path")
+    parser.add_argument("--train-limit", type=int, help="train on the first N training images only")
+    parser.add_argument("--test-limit", type=int, help="evaluate on the first N test images only")
+    parser.add_argument("--deterministic", action="store_true", help="deterministic TF ops (slower)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    config = get_config(args.config, epochs=args.epochs, batch_size=args.batch_size,
+                        learning_rate=args.learning_rate)
+    try:
+        evaluation = train(config, args.data, args.run_dir or f"runs/{config.name}", args.export_base,
+                           args.train_limit, args.test_limit)
+    except CifarDataError as exc:
+        sys.exit(f"error: {exc}")
+    print(f"test accuracy {evaluation['accuracy']:.4f} ({evaluation['dataset']})")
+
+
+if __name__ == "__main__":
+    main()
