@@ -1,0 +1,1 @@
+"""Kubernetes deployment: manifests (kustomize), the train-k8s tool (trainjob) and their tests."""

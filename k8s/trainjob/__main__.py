@@ -1,0 +1,73 @@
+"""make train-k8s: python -m k8s.trainjob --config default [--epochs 5] [--namespace cifar10]
+
+Creates a training Job from the deployed `trainer` CronJob, follows its logs and exits 0 when
+it completes, 1 when it fails or times out. --dry-run with --template-file prints the Job
+without a cluster: kubectl kustomize k8s | python -m k8s.trainjob --dry-run --template-file -
+"""
+import argparse
+import json
+import sys
+
+import yaml
+
+from k8s.trainjob import TEMPLATE, Cluster, follow, job_from_cronjob, job_name
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m k8s.trainjob", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="default", help="training config (training/configs)")
+    p.add_argument("--epochs", type=int, help="override the config's epoch count")
+    p.add_argument("--namespace", default="cifar10")
+    p.add_argument("--context", help="kubeconfig context (default: the current one)")
+    p.add_argument("--template", default=TEMPLATE, help="name of the CronJob used as template")
+    p.add_argument("--template-file", help="read the CronJob from this rendered manifest "
+                   "('-' for stdin) instead of the cluster")
+    p.add_argument("--dry-run", action="store_true", help="print the Job, create nothing")
+    p.add_argument("--no-follow", action="store_true", help="create the Job and return")
+    p.add_argument("--timeout", type=float, default=86400, help="seconds to wait (default 1 day)")
+    return p.parse_args(argv)
+
+
+def cronjob_from_file(path: str, name: str) -> dict:
+    stream = sys.stdin if path == "-" else open(path)
+    with stream:
+        for doc in yaml.safe_load_all(stream):
+            if doc and doc.get("kind") == "CronJob" and doc["metadata"]["name"] == name:
+                return doc
+    raise SystemExit(f"no CronJob {name!r} in {path}")
+
+
+def main(argv=None, cluster_factory=Cluster, out=sys.stdout) -> int:
+    args = parse_args(argv)
+    cluster = None if args.template_file else cluster_factory(args.context)
+    cronjob = (cronjob_from_file(args.template_file, args.template) if args.template_file
+               else cluster.cronjob(args.namespace, args.template))
+    name = job_name(args.config)
+    job = job_from_cronjob(cronjob, name, args.config, args.epochs)
+    if args.dry_run:
+        json.dump(job, out, indent=2)
+        out.write("\n")
+        return 0
+    if cluster is None:
+        raise SystemExit("--template-file creates nothing without --dry-run")
+    cluster.create_job(args.namespace, job)
+    out.write(f"created job/{name} in namespace {args.namespace} (config {args.config})\n")
+    if args.no_follow:
+        out.write(f"follow it with: kubectl -n {args.namespace} logs -f job/{name}\n")
+        return 0
+    try:
+        ok, reason = follow(cluster, args.namespace, name, out=out, timeout_s=args.timeout)
+    except KeyboardInterrupt:
+        out.write(f"\nstopped following; job/{name} keeps running "
+                  f"(kubectl -n {args.namespace} delete job {name} to stop it)\n")
+        return 130
+    out.write(f"job/{name}: {reason}\n")
+    if ok:
+        out.write("TF Serving loads the new model version within seconds "
+                  f"(kubectl -n {args.namespace} logs deploy/tfserving)\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
