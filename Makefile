@@ -35,3 +35,25 @@ train: setup data ## Train one configuration: make train CONFIG=base3 EPOCHS=5 (
 
 test: setup data ## Run the whole test suite (real redis-server, gunicorn, gRPC, SavedModel)
 	$(PY) -m pytest
+
+# ---- Deployment: docker compose and Kubernetes (k8s/), validated offline ----
+K8S_VERSION ?= 1.32.0
+K8S_NAMESPACE ?= cifar10
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+.PHONY: validate compose-up compose-down train-k8s
+
+validate: setup ## Check deployment offline: compose config, kustomize renders, strict k8s schemas, policy tests
+	docker-compose -f docker-compose.yml config -q && echo "docker-compose.yml: valid"
+	@set -eo pipefail; for dir in k8s k8s/base $(wildcard k8s/overlays/*); do \
+		kubectl kustomize $$dir | $(VENV)/bin/kubernetes-validate --strict --quiet --no-warn -k $(K8S_VERSION) -; \
+		echo "$$dir: renders, passes the Kubernetes $(K8S_VERSION) schemas"; done
+	$(PY) -m pytest -q k8s/tests
+
+compose-up: ## Build the images and start the stack in Docker, gateway on :5000 (compose v2 or Debian's v1)
+	$(COMPOSE) up --build --detach
+
+compose-down: ## Stop the Docker stack (volumes, hence trained models, are kept)
+	$(COMPOSE) down
+
+train-k8s: setup ## Train a new model version in the cluster: make train-k8s CONFIG=default EPOCHS=5 (kubectl context)
+	$(PY) -m k8s.trainjob --config $(CONFIG) $(if $(EPOCHS),--epochs $(EPOCHS)) --namespace $(K8S_NAMESPACE)

@@ -1,0 +1,174 @@
+"""docker-compose.yml: accepted by Debian's docker-compose (v1), and wired as the stack needs.
+
+Checks run on the file as docker-compose itself resolves it (`docker-compose config`): env
+files merged, ${VAR:-default}s filled in, YAML anchors expanded.
+"""
+import os
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from k8s.tests import policy
+from k8s.tests.manifests import COMPOSE_FILE, ROOT, STACK_ENV, compose, compose_config
+from k8s.tests.manifests import read_env_file, rendered
+
+STACK = read_env_file(STACK_ENV)
+STACK_USERS = ("gateway", "worker", "trainer", "trainer-gpu")
+
+
+@pytest.fixture(scope="module")
+def services():
+    return compose_config()["services"]
+
+
+def env_of(services, service):
+    return {k: str(v) for k, v in (services[service].get("environment") or {}).items()}
+
+
+def test_config_is_valid():
+    result = compose("config", "-q")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
+def test_config_rejects_broken_file(tmp_path):
+    """The validation can fail: an unknown depends_on condition is an error."""
+    broken = COMPOSE_FILE.read_text().replace("condition: service_healthy",
+                                              "condition: service_happy", 1)
+    (tmp_path / "docker-compose.yml").write_text(broken)
+    result = compose("config", "-q", file=tmp_path / "docker-compose.yml")
+    assert result.returncode != 0
+    assert "service_happy" in result.stderr
+
+
+def test_services_and_profiles(services):
+    assert set(services) == {"redis", "model-init", "tfserving", "worker", "gateway",
+                             "trainer", "trainer-gpu"}
+    # `docker compose up` starts the serving stack; training only when asked for.
+    assert {s for s, c in services.items() if not c.get("profiles")} == {
+        "redis", "model-init", "tfserving", "worker", "gateway"}
+    assert services["trainer"]["profiles"] == ["train"]
+    assert services["trainer-gpu"]["profiles"] == ["train-gpu"]
+
+
+def test_stack_env_is_loaded(services):
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())
+    for service in STACK_USERS:
+        env_files = raw["services"][service].get("env_file") or raw["x-trainer"]["env_file"]
+        assert "common/stack.env" in env_files
+        assert STACK.items() <= env_of(services, service).items()
+
+
+def test_service_settings_match_kubernetes(services):
+    """gateway/worker settings equal the k8s ConfigMaps' (both come from k8s/base/config)."""
+    objs = rendered("k8s")
+    for service in ("gateway", "worker"):
+        cm = next(o for o in objs if o["kind"] == "ConfigMap"
+                  and o["metadata"]["name"].startswith(f"{service}-config"))
+        assert cm["data"].items() <= env_of(services, service).items()
+
+
+def test_images_pinned_and_same_as_kubernetes(services):
+    k8s_images = {c["image"] for w in policy.workloads(rendered("k8s")) for c in policy.containers(w)}
+    for name, service in services.items():
+        image = service["image"]
+        assert re.search(r":\d+\.\d+\.\d+", image), f"{name}: {image} is not pinned"
+        if name != "model-init":
+            assert image in k8s_images, f"{name}: {image} differs from the k8s manifests"
+
+
+def test_start_order_and_healthchecks(services):
+    deps = {s: c.get("depends_on", {}) for s, c in services.items()}
+    assert deps["tfserving"] == {"model-init": {"condition": "service_completed_successfully"}}
+    assert deps["worker"] == {"redis": {"condition": "service_healthy"},
+                              "tfserving": {"condition": "service_healthy"}}
+    assert deps["gateway"] == {"redis": {"condition": "service_healthy"},
+                               "worker": {"condition": "service_healthy"}}
+    for service in ("trainer", "trainer-gpu"):
+        assert deps[service] == {"model-init": {"condition": "service_completed_successfully"}}
+    # service_healthy needs a healthcheck: in compose, or the image's HEALTHCHECK.
+    for service in ("redis", "tfserving"):
+        assert services[service]["healthcheck"]["test"]
+    for service in ("worker", "gateway"):
+        assert "HEALTHCHECK --" in (ROOT / service / "Dockerfile").read_text()
+
+
+def test_redis_password_is_one_value(services):
+    """REDIS_URL carries the password redis-server requires, including when it is overridden."""
+    for config in (services, _config_with(REDIS_PASSWORD="s3cret")["services"]):
+        command = config["redis"]["command"]
+        password = command[command.index("--requirepass") + 1]
+        assert config["redis"]["environment"]["REDISCLI_AUTH"] == password
+        for service in ("gateway", "worker"):
+            assert config[service]["environment"]["REDIS_URL"] == (
+                f"redis://:{password}@redis:{STACK['REDIS_PORT']}/0")
+    assert "--appendonly" in services["redis"]["command"]  # persistence
+    assert any(v.endswith(":/data:rw") for v in services["redis"]["volumes"])
+
+
+def _config_with(**env):
+    result = compose("config", env={**os.environ, **env})
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+def _flag(args, option):
+    return next(a.split("=", 1)[1] for a in args if a.startswith(option + "="))
+
+
+def test_model_server_and_trainer_agree(services):
+    tfs = services["tfserving"]
+    assert tfs["image"].startswith("tensorflow/serving:")
+    args = tfs["command"]
+    base_path = f"/models/{STACK['MODEL_NAME']}"
+    assert _flag(args, "--model_name") == STACK["MODEL_NAME"]
+    assert _flag(args, "--model_base_path") == base_path
+    assert _flag(args, "--port") == STACK["TFSERVING_GRPC_PORT"]
+    assert _flag(args, "--rest_api_port") == STACK["TFSERVING_REST_PORT"]
+    health = " ".join(tfs["healthcheck"]["test"])
+    assert f"/{STACK['TFSERVING_REST_PORT']}" in health
+    assert f"/v1/models/{STACK['MODEL_NAME']} " in health
+    assert env_of(services, "worker")["TFSERVING_ADDRESS"] == f"tfserving:{STACK['TFSERVING_GRPC_PORT']}"
+    assert env_of(services, "worker")["MODEL_NAME"] == STACK["MODEL_NAME"]
+    for service in ("trainer", "trainer-gpu"):
+        command = services[service]["command"]
+        assert command[command.index("--export-base") + 1] == base_path
+
+
+def test_one_model_volume(services):
+    """model-init seeds, the trainers write and TF Serving reads the same named volume."""
+    mounts = {s: [v for v in services[s]["volumes"] if v.startswith("models:")]
+              for s in ("model-init", "tfserving", "trainer", "trainer-gpu")}
+    assert mounts == {"model-init": ["models:/models:rw"], "tfserving": ["models:/models:ro"],
+                      "trainer": ["models:/models:rw"], "trainer-gpu": ["models:/models:rw"]}
+    assert "models" in compose_config()["volumes"]
+
+
+def test_seed_model_is_shipped(services):
+    seed = next(v for v in services["model-init"]["volumes"] if v.endswith(":/seed:ro"))
+    host_dir = Path(seed.split(":")[0])
+    assert host_dir == ROOT / "models"
+    assert (host_dir / STACK["MODEL_NAME"] / "1" / "saved_model.pb").is_file()
+    assert f"/seed/{STACK['MODEL_NAME']}/1" in " ".join(services["model-init"]["command"])
+
+
+def test_worker_scales_and_gateway_is_published(services):
+    # --scale worker=N needs no fixed container name and no host port.
+    assert "container_name" not in services["worker"]
+    assert "ports" not in services["worker"]
+    port = int(STACK["GATEWAY_PORT"])
+    assert services["gateway"]["ports"] == [{"published": port, "target": port}]
+    assert env_of(services, "gateway")["GUNICORN_BIND"] == f"0.0.0.0:{port}"
+
+
+@pytest.mark.parametrize("service,variant,tag", [("trainer", "cpu", "1.0.0"),
+                                                  ("trainer-gpu", "gpu", "1.0.0-gpu")])
+def test_trainer_variants(services, service, variant, tag):
+    config = services[service]
+    assert config["build"]["args"] == {"TF_VARIANT": variant}
+    assert config["image"] == f"cifar10/trainer:{tag}"
+    devices = config.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
+    assert (devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]) == (
+        variant == "gpu")

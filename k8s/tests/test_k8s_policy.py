@@ -1,0 +1,231 @@
+"""The policy rules hold for every overlay, and each rule catches a deliberately broken copy."""
+import copy
+import os
+import textwrap
+
+import pytest
+
+from k8s.tests import policy
+from k8s.tests.manifests import NAMESPACE, OVERLAYS, ROOT, STACK_ENV, kustomize, read_env_file
+from k8s.tests.manifests import rendered
+
+STACK = read_env_file(STACK_ENV)
+
+
+def check(objs, **overlay):
+    return policy.violations(list(objs), STACK, NAMESPACE, **overlay)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_policies_hold(overlay):
+    assert check(rendered(overlay), **OVERLAYS[overlay]) == []
+
+
+# ---- each rule can fail ---------------------------------------------------------------------
+
+def _pod(objs, app):
+    return policy.pod_template(policy.workload(objs, app))["spec"]
+
+
+def _container(objs, app, name=None):
+    return next(c for c in policy.containers(policy.workload(objs, app))
+                if c["name"] == (name or app))
+
+
+def _drop_limits(objs):
+    del _container(objs, "worker")["resources"]["limits"]
+
+
+def _drop_init_requests(objs):
+    del _container(objs, "tfserving", "seed-model")["resources"]["requests"]
+
+
+def _drop_readiness(objs):
+    del _container(objs, "gateway")["readinessProbe"]
+
+
+def _probe_wrong_port(objs):
+    _container(objs, "worker")["livenessProbe"]["httpGet"]["port"] = "http"
+
+
+def _writable_root(objs):
+    _container(objs, "tfserving")["securityContext"]["readOnlyRootFilesystem"] = False
+
+
+def _root_user(objs):
+    _pod(objs, "redis")["securityContext"]["runAsNonRoot"] = False
+
+
+def _escalation(objs):
+    del _container(objs, "trainer")["securityContext"]["allowPrivilegeEscalation"]
+
+
+def _latest_tag(objs):
+    _container(objs, "tfserving")["image"] = "tensorflow/serving:latest"
+
+
+def _untagged(objs):
+    _container(objs, "redis")["image"] = "redis"
+
+
+def _mixed_versions(objs):
+    _container(objs, "gateway")["image"] = "cifar10/gateway:9.9.9"
+
+
+def _trainer_reaches_redis(objs):
+    np = policy.get(objs, "NetworkPolicy", "redis")
+    np["spec"]["ingress"][0]["from"].append({"podSelector": {"matchLabels": {"app": "trainer"}}})
+
+
+def _gateway_reaches_tfserving(objs):
+    np = policy.get(objs, "NetworkPolicy", "tfserving")
+    np["spec"]["ingress"][0]["from"][0]["podSelector"] = {
+        "matchExpressions": [{"key": "app", "operator": "In", "values": ["worker", "gateway"]}]}
+
+
+def _no_default_deny(objs):
+    objs.remove(policy.get(objs, "NetworkPolicy", "default-deny-ingress"))
+
+
+def _service_selector_typo(objs):
+    policy.get(objs, "Service", "tfserving")["spec"]["selector"] = {"app": "tf-serving"}
+
+
+def _service_wrong_target(objs):
+    policy.get(objs, "Service", "gateway")["spec"]["ports"][0]["targetPort"] = 8080
+
+
+def _ingress_wrong_port(objs):
+    policy.get(objs, "Ingress", "gateway")["spec"]["rules"][0]["http"]["paths"][0][
+        "backend"]["service"]["port"] = {"number": 80}
+
+
+def _model_name(objs):
+    args = _container(objs, "tfserving")["args"]
+    args[args.index("--model_name=cifar10")] = "--model_name=cifar"
+
+
+def _export_base(objs):
+    args = _container(objs, "trainer")["args"]
+    args[args.index("--export-base") + 1] = "/models/cifar"
+
+
+def _trainer_other_claim(objs):
+    vol = next(v for v in _pod(objs, "trainer")["volumes"] if v["name"] == "models")
+    vol["persistentVolumeClaim"]["claimName"] = "trainer-runs"
+
+
+def _worker_address(objs):
+    cm = next(o for o in objs if o["kind"] == "ConfigMap"
+              and o["metadata"]["name"].startswith("worker-config"))
+    cm["data"]["TFSERVING_ADDRESS"] = "tfserving:8501"
+
+
+def _password_after_url(objs):
+    env = _container(objs, "gateway")["env"]
+    env.append(env.pop(0))  # REDIS_PASSWORD after REDIS_URL: $(REDIS_PASSWORD) stays literal
+
+
+def _missing_secret_key(objs):
+    _container(objs, "worker")["env"][0]["valueFrom"]["secretKeyRef"]["key"] = "password"
+
+
+def _no_gpu(objs):
+    res = _container(objs, "trainer")["resources"]
+    del res["limits"]["nvidia.com/gpu"], res["requests"]["nvidia.com/gpu"]
+
+
+def _no_toleration(objs):
+    del _pod(objs, "trainer")["tolerations"]
+
+
+def _worker_replicas(objs):
+    policy.workload(objs, "worker")["spec"]["replicas"] = 2
+
+
+def _no_pdb(objs):
+    objs.remove(policy.get(objs, "PodDisruptionBudget", "gateway"))
+
+
+def _body_size(objs):
+    policy.get(objs, "Ingress", "gateway")["metadata"]["annotations"][
+        "nginx.ingress.kubernetes.io/proxy-body-size"] = "1m"
+
+
+def _default_namespace(objs):
+    del policy.get(objs, "Service", "redis")["metadata"]["namespace"]
+
+
+BROKEN = [
+    (_drop_limits, "Deployment/worker container worker: no limits.cpu"),
+    (_drop_init_requests, "container seed-model: no requests.cpu"),
+    (_drop_readiness, "container gateway serves but has no readinessProbe"),
+    (_probe_wrong_port, "livenessProbe port http is not a declared container port"),
+    (_writable_root, "container tfserving: root filesystem is writable"),
+    (_root_user, "container redis: runAsNonRoot is not true"),
+    (_escalation, "container trainer: allowPrivilegeEscalation is not false"),
+    (_latest_tag, "image tensorflow/serving:latest is not pinned"),
+    (_untagged, "image redis is not pinned"),
+    (_mixed_versions, "the stack's images are at different versions"),
+    (_trainer_reaches_redis, "redis accepts connections from ['pod:gateway', 'pod:trainer',"),
+    (_gateway_reaches_tfserving, "tfserving accepts connections from ['pod:gateway', 'pod:worker']"),
+    (_no_default_deny, "trainer accepts connections from ['any']"),
+    (_service_selector_typo, "Service/tfserving selects 0 workloads"),
+    (_service_wrong_target, "Service/gateway port 5000: target 8080 is no container port"),
+    (_ingress_wrong_port, "Service gateway has no port 80"),
+    (_model_name, "tfserving --model_name is cifar, expected cifar10"),
+    (_export_base, "trainer --export-base is /models/cifar, but TF Serving reads /models/cifar10"),
+    (_trainer_other_claim, "model volume differs between writer and readers"),
+    (_worker_address, "worker TFSERVING_ADDRESS tfserving:8501 is not the tfserving Service's gRPC"),
+    (_password_after_url, "gateway REDIS_URL does not take its password from the Secret"),
+    (_missing_secret_key, "has no key password (env REDIS_PASSWORD)"),
+    (_no_gpu, "trainer GPU requests/limits are ['None', 'None'], expected 1 and 1"),
+    (_no_toleration, "trainer does not tolerate the nvidia.com/gpu taint"),
+    (_worker_replicas, "Deployment/worker sets replicas"),
+    (_no_pdb, "no PodDisruptionBudget covers Deployment/gateway"),
+    (_body_size, "proxy-body-size 1m is below MAX_UPLOAD_BYTES"),
+    (_default_namespace, "Service/redis is not in namespace cifar10"),
+]
+
+
+@pytest.mark.parametrize("breakage,expected", BROKEN, ids=[b.__name__[1:] for b, _ in BROKEN])
+def test_broken_copy_is_caught(breakage, expected):
+    objs = copy.deepcopy(list(rendered("k8s/overlays/production")))
+    breakage(objs)
+    found = check(objs, gpu=True)
+    assert any(expected in v for v in found), found
+
+
+def test_gpu_in_cpu_overlay_is_caught():
+    objs = copy.deepcopy(list(rendered("k8s/overlays/production")))
+    assert "trainer container trainer asks for a GPU" in " ".join(check(objs, gpu=False))
+
+
+def test_broken_overlay_rendered_by_kustomize_is_caught(tmp_path):
+    """End to end through the real kustomize: an overlay that lets the trainer reach Redis."""
+    (tmp_path / "kustomization.yaml").write_text(textwrap.dedent(f"""\
+        resources:
+          - {os.path.relpath(ROOT / "k8s/overlays/production", tmp_path)}
+        patches:
+          - target: {{kind: NetworkPolicy, name: redis}}
+            patch: |-
+              - op: add
+                path: /spec/ingress/0/from/-
+                value: {{podSelector: {{matchLabels: {{app: trainer}}}}}}
+        """))
+    found = check(kustomize(tmp_path), gpu=True)
+    assert found == ["redis accepts connections from ['pod:gateway', 'pod:trainer', "
+                     "'pod:worker'], expected ['pod:gateway', 'pod:worker']"]
+
+
+def test_selector_semantics():
+    labels = {"app": "worker", "tier": "backend"}
+    assert policy.selects({}, labels)
+    assert policy.selects({"matchLabels": {"app": "worker"}}, labels)
+    assert not policy.selects({"matchLabels": {"app": "gateway"}}, labels)
+    assert policy.selects({"matchExpressions": [
+        {"key": "app", "operator": "In", "values": ["worker"]},
+        {"key": "tier", "operator": "Exists"},
+        {"key": "gpu", "operator": "DoesNotExist"}]}, labels)
+    assert not policy.selects({"matchExpressions": [
+        {"key": "app", "operator": "NotIn", "values": ["worker"]}]}, labels)
