@@ -10,7 +10,7 @@ RUN_DIR ?= runs/$(CONFIG)
 MODEL_BASE_PATH ?= models/cifar10
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train study bench-train evaluate test
+.PHONY: help setup data train configs study bench-train evaluate test
 
 help: ## List every target with one line each
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -30,11 +30,38 @@ $(DATA_DIR)/cifar-10-batches-py/batches.meta:
 		echo "CIFAR-10 (JPEG copy)" > $(DATA_DIR)/DATASET.txt; \
 	else $(PY) -m training.data download $(DATA_DIR); fi
 
-train: setup data ## Train one configuration: make train CONFIG=base3 EPOCHS=5 (resumes if interrupted)
-	$(PY) -m training.train --config $(CONFIG) $(if $(EPOCHS),--epochs $(EPOCHS)) --data $(DATA_DIR) --run-dir $(RUN_DIR)
+train: setup data ## Train one config: make train CONFIG=base3 EPOCHS=5 [EXPORT=1 serves it]; resumes if killed
+	$(PY) -m training.train --config $(CONFIG) $(if $(EPOCHS),--epochs $(EPOCHS)) --data $(DATA_DIR) \
+		--run-dir $(RUN_DIR) $(if $(EXPORT),--export-base $(MODEL_BASE_PATH))
+
+configs: setup ## List the training configurations (the seed's study, fast, default)
+	@$(PY) -m training.configs
+
+study: setup data ## Compare configurations in runs/study/STUDY.md: make study EPOCHS=10 [CONFIGS=base1,base3]
+	$(PY) -m training.study $(if $(CONFIGS),--configs $(CONFIGS)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
+		--data $(DATA_DIR) --out runs/study
+
+bench-train: setup data ## Time the fast recipe from scratch: wall time and test accuracy per epoch
+	$(PY) -m training.bench --config $(CONFIG) --data $(DATA_DIR)
+
+evaluate: setup data ## Evaluation report of an exported model: make evaluate MODEL=models/cifar10/1
+	$(PY) -m training.evaluate --export $(or $(MODEL),$(MODEL_BASE_PATH)/1) --data $(DATA_DIR)
 
 test: setup data ## Run the whole test suite (real redis-server, gunicorn, gRPC, SavedModel)
 	$(PY) -m pytest
+
+# ---- Serving: the local stack as processes (scripts/stack.py), logs in .stack/logs/ ----
+WORKERS ?= 2
+.PHONY: up down bench-serve
+
+up: setup ## Start redis, model server, workers (WORKERS=2) and gateway on :5000; wait for /readyz
+	$(PY) -m scripts.stack up --workers $(WORKERS) --model-base-path $(MODEL_BASE_PATH)
+
+down: ## Stop everything `make up` started
+	$(PY) -m scripts.stack down
+
+bench-serve: ## Load-test the running stack (make up first): req/s, p50/p95/p99, mean worker batch size
+	$(PY) -m scripts.bench_serve
 
 # ---- Deployment: docker compose and Kubernetes (k8s/), validated offline ----
 K8S_VERSION ?= 1.32.0

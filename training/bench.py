@@ -1,0 +1,53 @@
+"""Benchmark a training recipe from scratch: wall time and test accuracy per epoch.
+
+    python -m training.bench --config fast [--target 0.90]
+
+Wall time counts training steps only; the per-epoch test evaluation is reported, not counted,
+and is never used to steer training. The machine's load average is printed because a busy
+machine slows every epoch.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from training.configs import CONFIGS, get_config
+from training.train import train
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="fast", choices=sorted(CONFIGS))
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--data", default="data")
+    parser.add_argument("--target", type=float, default=0.90)
+    parser.add_argument("--run-dir", default=None, help="default: runs/bench-<config> (started afresh)")
+    args = parser.parse_args(argv)
+    config = get_config(args.config, epochs=args.epochs)
+    run_dir = Path(args.run_dir or f"runs/bench-{config.name}")
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+    load_before, start = os.getloadavg()[0], time.perf_counter()
+    evaluation = train(config, args.data, run_dir, verbose=0)
+    total = time.perf_counter() - start
+    history = json.loads((run_dir / "state.json").read_text())["history"]
+
+    print(f"\n{config.name}: {config.description}")
+    print(f"{'epoch':>5} {'train s':>8} {'wall s':>8} {'test acc':>9}")
+    for row in history:
+        print(f"{row['epoch']:>5} {row['epoch_seconds']:>8.1f} {row['wall_seconds']:>8.1f} {row['val_accuracy']:>9.4f}")
+    reached = next((row for row in history if row["val_accuracy"] >= args.target), None)
+    print(f"final test accuracy {evaluation['accuracy']:.4f} on {evaluation['dataset']}"
+          f"{' with flip TTA' if config.flip_tta else ''}")
+    print(f"training wall time {history[-1]['wall_seconds']:.0f} s; whole command {total:.0f} s "
+          f"(data, evaluation, plots included)")
+    print(f"{args.target:.0%} first reached: " +
+          (f"epoch {reached['epoch']} at {reached['wall_seconds']:.0f} s" if reached else "not reached"))
+    print(f"load average before {load_before:.2f}, after {os.getloadavg()[0]:.2f} (2 cores)")
+
+
+if __name__ == "__main__":
+    main()

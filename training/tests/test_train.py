@@ -1,0 +1,113 @@
+"""Training as users run it: the CLI in a fresh process, on a real slice of CIFAR-10."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from training.export import SIGNATURE, existing_versions, predict_exported
+from training.tests.conftest import REPO, run_training
+
+SLICE = ["--train-limit", 1024, "--test-limit", 256]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    result = run_training("--config", "tiny", "--epochs", 1, "--data", data_dir, "--run-dir", root / "run",
+                          "--export-base", root / "models", *SLICE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, result
+
+
+def test_one_epoch_writes_the_whole_run_directory(tiny_run):
+    root, result = tiny_run
+    run = root / "run"
+    for name in ["config.json", "metrics.csv", "history.png", "state.json", "export.json",
+                 "evaluation/evaluation.json", "evaluation/report.md", "evaluation/confusion_matrix.png",
+                 "evaluation/misclassified.png"]:
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    assert "epoch 1:" in result.stdout and "test accuracy" in result.stdout
+    header, row = (run / "metrics.csv").read_text().splitlines()
+    assert header.split(",")[:3] == ["epoch", "accuracy", "loss"] and row.startswith("1,")
+    evaluation = json.loads((run / "evaluation/evaluation.json").read_text())
+    assert evaluation["images"] == 256 and np.sum(evaluation["confusion_matrix"]) == 256
+    assert evaluation["dataset"] == "CIFAR-10 (JPEG copy)"
+
+
+def test_the_export_reloads_and_agrees_with_the_evaluation(tiny_run, data_dir):
+    import tensorflow as tf
+    from training.data import load_cifar10
+    root, _ = tiny_run
+    assert existing_versions(root / "models") == [1]
+    export = root / "models" / "1"
+    signature = tf.saved_model.load(str(export)).signatures[SIGNATURE]
+    assert signature.structured_input_signature[1]["images"].dtype == tf.uint8
+    _, test = load_cifar10(data_dir)
+    images = test.images[:256]
+    outputs = signature(images=tf.constant(images))
+    probabilities = outputs["probabilities"].numpy()
+    assert probabilities.shape == (256, 10) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+    assert outputs["classes"].numpy()[0, 6] == b"frog"
+    # Same predictions as the Keras model had in the evaluation report.
+    matrix = np.zeros((10, 10), int)
+    np.add.at(matrix, (test.labels[:256], probabilities.argmax(axis=1)), 1)
+    evaluation = json.loads((root / "run/evaluation/evaluation.json").read_text())
+    assert matrix.tolist() == evaluation["confusion_matrix"]
+    assert np.allclose(predict_exported(export, images, batch_size=100), probabilities, atol=1e-6)
+
+
+def test_rerunning_a_finished_run_trains_nothing_and_exports_nothing_new(tiny_run, data_dir):
+    root, _ = tiny_run
+    result = run_training("--config", "tiny", "--epochs", 1, "--data", data_dir, "--run-dir", root / "run",
+                          "--export-base", root / "models", *SLICE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Epoch 1/1" not in result.stdout and "already exported" in result.stdout
+    assert existing_versions(root / "models") == [1]
+
+
+def test_a_run_directory_refuses_a_different_configuration(tiny_run, data_dir):
+    root, _ = tiny_run
+    result = run_training("--config", "fast", "--epochs", 1, "--data", data_dir, "--run-dir", root / "run", *SLICE)
+    assert result.returncode == 1 and "different configuration" in result.stderr
+
+
+def train_until_killed(run_dir, data_dir, kill_after_epoch):
+    """Start the CLI, SIGKILL it once `kill_after_epoch` epochs are checkpointed."""
+    args = [sys.executable, "-m", "training.train", "--config", "tiny", "--epochs", 4, "--deterministic",
+            "--data", data_dir, "--run-dir", run_dir, *SLICE]
+    process = subprocess.Popen(list(map(str, args)), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = run_dir / "state.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if state.exists() and json.loads(state.read_text())["epoch"] >= kill_after_epoch:
+            break
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    return json.loads(state.read_text())["epoch"]
+
+
+def test_kill_9_then_resume_ends_where_an_uninterrupted_run_does(data_dir, tmp_path):
+    killed_at = train_until_killed(tmp_path / "interrupted", data_dir, kill_after_epoch=2)
+    assert 2 <= killed_at < 4, "the run finished before it could be killed"
+    resumed = run_training("--config", "tiny", "--epochs", 4, "--deterministic", "--data", data_dir,
+                           "--run-dir", tmp_path / "interrupted", *SLICE)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming {tmp_path / 'interrupted'} after epoch {killed_at}/4" in resumed.stdout
+    straight = run_training("--config", "tiny", "--epochs", 4, "--deterministic", "--data", data_dir,
+                            "--run-dir", tmp_path / "straight", *SLICE)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    def history(run):
+        return json.loads((tmp_path / run / "state.json").read_text())["history"]
+    assert [row["epoch"] for row in history("interrupted")] == [1, 2, 3, 4]
+    assert len((tmp_path / "interrupted/metrics.csv").read_text().splitlines()) == 5
+    for a, b in zip(history("interrupted"), history("straight")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["val_accuracy"] == b["val_accuracy"]
