@@ -206,6 +206,14 @@ def test_main_creates_follows_and_exits(final, code):
     assert f"job/{job['metadata']['name']}: " in out.getvalue()
 
 
+def test_unknown_config_is_refused_before_anything_is_created(capsys):
+    cluster = FakeCluster([], template=cronjob())
+    with pytest.raises(SystemExit):
+        main(["--config", "vgg3-bn"], cluster_factory=lambda ctx: cluster)
+    assert "invalid choice: 'vgg3-bn'" in capsys.readouterr().err
+    assert cluster.created == []
+
+
 def test_make_target_runs_the_tool():
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^train-k8s:.*## ", makefile, re.M)

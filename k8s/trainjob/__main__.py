@@ -11,12 +11,15 @@ import sys
 import yaml
 
 from k8s.trainjob import TEMPLATE, Cluster, follow, job_from_cronjob, job_name
+from training.configs import CONFIGS
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m k8s.trainjob", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="default", help="training config (training/configs)")
+    # The image is built from this checkout, so its configs are the ones it knows: a typo fails
+    # here rather than in a pod after the image pull.
+    p.add_argument("--config", default="default", choices=sorted(CONFIGS))
     p.add_argument("--epochs", type=int, help="override the config's epoch count")
     p.add_argument("--namespace", default="cifar10")
     p.add_argument("--context", help="kubeconfig context (default: the current one)")
