@@ -17,7 +17,8 @@ help: ## List every target with one line each
 
 setup: $(VENV)/.installed ## Create .venv with every service's pinned requirements and the test tools
 
-$(VENV)/.installed: requirements-dev.txt training/requirements.txt gateway/requirements.txt worker/requirements.txt
+$(VENV)/.installed: requirements-dev.txt training/requirements.txt gateway/requirements.txt worker/requirements.txt \
+		k8s/trainjob/requirements.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -r requirements-dev.txt
