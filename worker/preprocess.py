@@ -1,10 +1,12 @@
 """Turns uploaded image bytes into the model's input: uint8 RGB [32, 32, 3].
 
 Speed matters (this runs once per image on the shared CPUs): JPEGs are decoded at reduced scale
-with `Image.draft` (the DCT does most of the downscaling for free), then resized with BOX, a plain
-area average: it uses every source pixel (no aliasing when shrinking a lot), it is the cheapest
-antialiased filter, and it continues the area averaging the JPEG draft already did. The whole
-image is squashed to 32x32 without cropping, like the original service.
+with `Image.draft` (libjpeg's DCT scaling: an 800x530 photo decodes 6x faster at 1/4 scale), then
+resized with BOX, a plain area average: it uses every source pixel (no aliasing when shrinking a
+lot) and is the cheapest antialiased filter. The draft stops at 4x the target size because the
+coarsest DCT scale (1/8) drifts from a full-resolution area average (mean error ~3.6 levels on the
+test photo, against ~1.4 at 1/4). The whole image is squashed to 32x32 without cropping, like the
+original service.
 """
 import io
 
@@ -14,6 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from common import protocol
 
 MODEL_SIZE = (32, 32)
+DRAFT_SIZE = (128, 128)  # JPEG decode scale floor, see above
 WHITE = (255, 255, 255, 255)
 
 
@@ -57,8 +60,8 @@ def preprocess(data: bytes, max_pixels: int) -> np.ndarray:
     image = open_image(data, max_pixels)
     try:
         # Draft before anything loads pixels; it never goes below the requested size. With a
-        # 90-degree EXIF rotation width and height swap, which does not matter for a square target.
-        image.draft("RGB", MODEL_SIZE)
+        # 90-degree EXIF rotation width and height swap, which does not matter for a square size.
+        image.draft("RGB", DRAFT_SIZE)
         image = ImageOps.exif_transpose(image)  # also loads the (first frame's) pixels
         image = to_rgb(image).resize(MODEL_SIZE, Image.Resampling.BOX)
         return np.asarray(image, dtype=np.uint8)

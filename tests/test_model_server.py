@@ -1,0 +1,95 @@
+"""TF Serving's gRPC API as the worker sees it, against the session's model server (real or stand-in)."""
+import logging
+
+import grpc
+import numpy as np
+import pytest
+from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
+                                     predict_pb2, prediction_service_pb2_grpc)
+
+from tests.helpers import CLASSES, free_port
+from worker.preprocess import preprocess
+from worker.tfserving_client import TFServingClient, uint8_tensor
+
+
+@pytest.fixture(scope="module")
+def channel(stack):
+    with grpc.insecure_channel(f"127.0.0.1:{stack.ports.grpc}") as opened:
+        yield opened
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    opened = TFServingClient(f"127.0.0.1:{stack.ports.grpc}", "cifar10", timeout_s=30, retries=2)
+    yield opened
+    opened.close()
+
+
+def predict_request(images: np.ndarray, name="cifar10", version=None, signature="serving_default"):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = name
+    request.model_spec.signature_name = signature
+    if version is not None:
+        request.model_spec.version.value = version
+    uint8_tensor(images, request.inputs["images"])
+    return request
+
+
+def rpc_code(call, request) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as failed:
+        call(request, timeout=30)
+    return failed.value.code()
+
+
+def test_predict_batch_through_the_worker_client(client, cifar_test_images):
+    images = np.stack([preprocess(data, 40_000_000) for _, data in cifar_test_images[:5]])
+    prediction = client.predict(images)
+    assert prediction.model_version == 1
+    assert prediction.probabilities.shape == (5, 10)
+    np.testing.assert_allclose(prediction.probabilities.sum(axis=1), 1.0, atol=1e-4)
+    assert prediction.labels == [CLASSES] * 5
+
+
+def test_model_status_reports_the_loaded_version(client, channel):
+    assert client.available_versions() == [1]
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = "nope"
+    assert rpc_code(model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus, request) == grpc.StatusCode.NOT_FOUND
+
+
+def test_unknown_model_or_version_is_not_found(channel):
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    images = np.zeros((1, 32, 32, 3), np.uint8)
+    assert rpc_code(stub.Predict, predict_request(images, name="nope")) == grpc.StatusCode.NOT_FOUND
+    assert rpc_code(stub.Predict, predict_request(images, version=99)) == grpc.StatusCode.NOT_FOUND
+    assert stub.Predict(predict_request(images, version=1), timeout=30).model_spec.version.value == 1
+
+
+def test_bad_requests_get_tf_serving_codes(channel):
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    images = np.zeros((1, 32, 32, 3), np.uint8)
+    assert rpc_code(stub.Predict, predict_request(images, signature="nope")) == grpc.StatusCode.FAILED_PRECONDITION
+    wrong_dtype = predict_request(images)
+    wrong_dtype.inputs["images"].dtype = 1  # DT_FLOAT, with uint8 bytes
+    assert rpc_code(stub.Predict, wrong_dtype) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_metadata_describes_the_serving_signature(channel):
+    request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    request.model_spec.name = "cifar10"
+    response = prediction_service_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata(request, timeout=30)
+    signatures = get_model_metadata_pb2.SignatureDefMap()
+    response.metadata["signature_def"].Unpack(signatures)
+    serving = signatures.signature_def["serving_default"]
+    assert serving.inputs["images"].dtype == 4  # DT_UINT8
+    assert set(serving.outputs) == {"probabilities", "classes"}
+    assert response.model_spec.version.value == 1
+
+
+def test_client_retries_unavailable_then_gives_up(caplog):
+    closed = TFServingClient(f"127.0.0.1:{free_port()}", "cifar10", timeout_s=5, retries=2, backoff_s=0.01)
+    with caplog.at_level(logging.WARNING, logger="worker.tfserving_client"), pytest.raises(grpc.RpcError) as failed:
+        closed.predict(np.zeros((1, 32, 32, 3), np.uint8))
+    closed.close()
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert sum("retry" in record.message for record in caplog.records) == 2
