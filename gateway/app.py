@@ -11,6 +11,7 @@ from common import protocol
 from common.protocol import Result
 from gateway import metrics
 from gateway.jobs import JobQueue, ModelUnavailable, QueueFull, ResultTimeout
+from gateway.multipart import MalformedMultipart, boundary_of, parse_parts
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway")
@@ -58,19 +59,24 @@ def read_top_k() -> int:
 
 
 def read_images(max_images: int) -> list[bytes]:
-    files = request.files.getlist("image")
-    if not files:
-        other = sorted(request.files) or sorted(request.form)
-        hint = f" (got field {', '.join(repr(f) for f in other)})" if other else ""
+    """The bytes of every `image` part of the multipart upload, in order."""
+    boundary = boundary_of(request.headers.get("Content-Type"))
+    try:
+        parts = parse_parts(request.get_data(cache=False), boundary) if boundary else []
+    except MalformedMultipart as exc:
+        raise ApiError(400, "malformed_multipart", str(exc)) from None
+    images = [part for part in parts if part.name == "image"]
+    if not images:
+        other = sorted({part.name for part in parts})
+        hint = f" (got field {', '.join(repr(name) for name in other)})" if other else ""
         raise ApiError(400, "missing_image",
                        f"send the picture as a multipart/form-data file field named 'image'{hint}")
-    if len(files) > max_images:
-        raise ApiError(400, "too_many_images", f"at most {max_images} images per request, got {len(files)}")
-    images = [f.read() for f in files]
-    for index, data in enumerate(images):
-        if not data:
-            raise ApiError(400, "empty_image", f"image {index} ({files[index].filename!r}) is empty")
-    return images
+    if len(images) > max_images:
+        raise ApiError(400, "too_many_images", f"at most {max_images} images per request, got {len(images)}")
+    for index, part in enumerate(images):
+        if not part.data:
+            raise ApiError(400, "empty_image", f"image {index} ({part.filename!r}) is empty")
+    return [part.data for part in images]
 
 
 def predict_response(results: list[Result], top_k: int, retry_after_s: int) -> Response:

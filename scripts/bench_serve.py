@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -20,34 +21,36 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "tests" / "assets"
 STACK_STATE = REPO / ".stack" / "stack.json"
-BOUNDARY = "bench-serve-boundary"
 
 
-def multipart_body(images: list[tuple[str, bytes]]) -> bytes:
+def multipart_body(images: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    """Body and Content-Type, with a fresh random boundary as curl, requests and browsers send."""
+    boundary = uuid.uuid4().hex
     parts = []
     for filename, data in images:
-        parts.append(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
                      f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
-    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def scenarios(multi_count: int) -> dict[str, tuple[bytes, int]]:
+def scenarios(multi_count: int) -> dict[str, list[tuple[str, bytes]]]:
     photo = (ASSETS / "photo-800x530-upscaled-cifar-frog.jpg").read_bytes()
     png = (ASSETS / "cifar-ship-32x32.png").read_bytes()
     return {
-        "photo-800x530-jpeg": (multipart_body([("photo.jpg", photo)]), 1),
-        "png-32x32": (multipart_body([("ship.png", png)]), 1),
-        f"photo-x{multi_count}": (multipart_body([(f"photo{i}.jpg", photo) for i in range(multi_count)]), multi_count),
+        "photo-800x530-jpeg": [("photo.jpg", photo)],
+        "png-32x32": [("ship.png", png)],
+        f"photo-x{multi_count}": [(f"photo{i}.jpg", photo) for i in range(multi_count)],
     }
 
 
-def client_loop(host: str, port: int, path: str, body: bytes, stop_at: float, latencies: list, statuses: list):
-    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+def client_loop(host: str, port: int, images: list[tuple[str, bytes]], stop_at: float, latencies: list,
+                statuses: list):
     conn = http.client.HTTPConnection(host, port, timeout=30)
     while time.perf_counter() < stop_at:
+        body, content_type = multipart_body(images)
         started = time.perf_counter()
         try:
-            conn.request("POST", path, body=body, headers=headers)
+            conn.request("POST", "/predict", body=body, headers={"Content-Type": content_type})
             response = conn.getresponse()
             response.read()
             status = response.status
@@ -76,11 +79,12 @@ def batch_totals(metrics_urls: list[str]) -> tuple[float, float]:
     return total, count
 
 
-def run_step(url: str, body: bytes, concurrency: int, seconds: float) -> tuple[np.ndarray, list[int], float]:
+def run_step(url: str, images: list[tuple[str, bytes]], concurrency: int,
+             seconds: float) -> tuple[np.ndarray, list[int], float]:
     parsed = urllib.parse.urlsplit(url)
     latencies, statuses = [], []
     stop_at = time.perf_counter() + seconds
-    threads = [threading.Thread(target=client_loop, args=(parsed.hostname, parsed.port or 80, "/predict", body,
+    threads = [threading.Thread(target=client_loop, args=(parsed.hostname, parsed.port or 80, images,
                                                           stop_at, latencies, statuses))
                for _ in range(concurrency)]
     started = time.perf_counter()
@@ -112,20 +116,20 @@ def main() -> None:
         chosen = {name: chosen[name] for name in args.scenarios.split(",")}
     print(f"gateway {args.url}; worker metrics {metrics_urls or 'not found (no mean batch size)'}")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    run_step(args.url, chosen[next(iter(chosen))][0], 8, 2.0)  # warm-up: connections, caches
+    run_step(args.url, chosen[next(iter(chosen))], 8, 2.0)  # warm-up: connections, caches
     print(f"{'scenario':<20}{'clients':>8}{'requests':>10}{'req/s':>9}{'img/s':>9}"
           f"{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}{'batch':>7}")
-    for name, (body, images) in chosen.items():
+    for name, images in chosen.items():
         for concurrency in (int(c) for c in args.concurrency.split(",")):
             before = batch_totals(metrics_urls)
-            latencies, statuses, elapsed = run_step(args.url, body, concurrency, args.seconds)
+            latencies, statuses, elapsed = run_step(args.url, images, concurrency, args.seconds)
             after = batch_totals(metrics_urls)
             batches = after[1] - before[1]
             mean_batch = f"{(after[0] - before[0]) / batches:.1f}" if batches else "-"
             errors = sum(1 for s in statuses if s != 200)
             p50, p95, p99 = (np.percentile(latencies, q) * 1000 for q in (50, 95, 99))
             print(f"{name:<20}{concurrency:>8}{len(statuses):>10}{len(statuses) / elapsed:>9.1f}"
-                  f"{len(statuses) * images / elapsed:>9.1f}{p50:>9.1f}{p95:>9.1f}{p99:>9.1f}{errors:>8}{mean_batch:>7}",
+                  f"{len(statuses) * len(images) / elapsed:>9.1f}{p50:>9.1f}{p95:>9.1f}{p99:>9.1f}{errors:>8}{mean_batch:>7}",
                   flush=True)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 

@@ -97,6 +97,15 @@ def test_missing_or_misnamed_file_field(stack):
     assert "'file'" in body["error"]["message"]
 
 
+def test_malformed_or_non_multipart_bodies(stack):
+    cut = b'--b0undary\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\nabc'
+    response = requests.post(f"{stack.gateway_url}/predict", data=cut, timeout=30,
+                             headers={"Content-Type": "multipart/form-data; boundary=b0undary"})
+    assert_error(response, 400, "malformed_multipart")
+    assert_error(requests.post(f"{stack.gateway_url}/predict", json={"image": "frog.jpg"}, timeout=30),
+                 400, "missing_image")
+
+
 def test_bad_images_fail_alone(stack):
     assert_error(post_images(stack.gateway_url, [("notes.txt", b"this is not an image")]), 422, "invalid_image")
     name, jpeg = asset("photo-800x530-upscaled-cifar-frog.jpg")
