@@ -5,14 +5,8 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
-# These generated stubs import TensorFlow's proto modules (and so TensorFlow) once, at start-up;
-# nothing on the per-batch path touches TensorFlow: tensors are built and read as raw bytes.
-from tensorflow_serving.apis import (
-    get_model_status_pb2,
-    model_service_pb2_grpc,
-    predict_pb2,
-    prediction_service_pb2_grpc,
-)
+# TensorFlow itself is never started: tensors are built and read as raw bytes.
+from worker.serving_apis import get_model_status_pb2, model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc
 
 log = logging.getLogger(__name__)
 

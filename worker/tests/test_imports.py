@@ -1,0 +1,14 @@
+"""The worker talks TF Serving's protocol without starting TensorFlow (memory, start-up time)."""
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_worker_does_not_start_tensorflow():
+    check = ("import sys, worker.main; "
+             "print(sorted(m for m in sys.modules if m == 'tensorflow' or m.startswith('tensorflow.python')))")
+    result = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
