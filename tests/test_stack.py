@@ -191,6 +191,15 @@ def test_result_timeout_is_504(stack, extra_gateway):
     idle_db.flushdb()
 
 
+def test_redis_down_is_503_and_the_gateway_stays_up(extra_gateway):
+    url = extra_gateway(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    response = post_images(url, [asset("frog.jpg")])
+    assert_error(response, 503, "queue_unavailable")
+    assert response.headers["Retry-After"] == "1"
+    assert requests.get(f"{url}/readyz", timeout=10).status_code == 503
+    assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
+
+
 def test_new_version_is_served_without_restart(stack):
     def served_version():
         return post_images(stack.gateway_url, [asset("frog.jpg")]).json().get("model_version")

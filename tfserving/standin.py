@@ -297,7 +297,7 @@ def serve(flags: argparse.Namespace) -> None:
                          options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(model), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(model), server)
-    server.add_insecure_port(f"[::]:{flags.port}")
+    server.add_insecure_port(f"0.0.0.0:{flags.port}")
     server.start()
     log.info("stand-in model server on gRPC port %d, model %s from %s", flags.port, model.name, model.base_path)
     stop = threading.Event()

@@ -79,23 +79,24 @@ def process_batch(entries: list[Entry], client: TFServingClient, max_pixels: int
 def publish_model_status(store: redis.Redis, client: TFServingClient, interval_s: float,
                          stop: threading.Event) -> None:
     """Keeps MODEL_STATUS_KEY set while the model server has a version loaded, for the gateway's
-    readiness and its fast 503; deletes it as soon as the model server stops answering."""
+    readiness and its fast 503. Deleted at once when the model server is unreachable or has no
+    version; a slow answer only skips a refresh (the key outlives a few of them)."""
     last_seen = None
     while True:
         try:
             versions = client.available_versions()
         except grpc.RpcError as exc:
-            versions = []
             metrics.GRPC_ERRORS.labels(exc.code().name).inc()
+            versions = [] if exc.code() == grpc.StatusCode.UNAVAILABLE else None
         try:
             if versions:
                 store.set(protocol.MODEL_STATUS_KEY, json.dumps({"version": versions[-1]}),
                           ex=protocol.MODEL_STATUS_TTL_S)
-            else:
+            elif versions == []:
                 store.delete(protocol.MODEL_STATUS_KEY)
         except redis.RedisError as exc:
             log.error("could not publish model status: %s", exc)
-        if versions[-1:] != last_seen:
+        if versions is not None and versions[-1:] != last_seen:
             log.info("model server reports %s", f"version {versions[-1]}" if versions else "no available version")
             last_seen = versions[-1:]
         if stop.wait(interval_s):
