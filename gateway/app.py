@@ -53,7 +53,7 @@ def image_body(result: Result, top_k: int) -> dict:
 
 def read_top_k() -> int:
     raw = request.args.get("top_k", "10")
-    if not raw.isdigit() or not 1 <= int(raw) <= 10:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 10:
         raise ApiError(400, "invalid_top_k", "top_k must be an integer from 1 to 10")
     return int(raw)
 
@@ -97,7 +97,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
-    store = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, health_check_interval=30)
+    # The read timeout outlasts the longest BLPOP, so only a hung Redis trips it.
+    store = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2,
+                                 socket_timeout=settings.result_timeout_s + 5, health_check_interval=30)
     queue = JobQueue(store, settings.queue_maxlen, settings.result_timeout_s)
 
     @app.post("/predict")

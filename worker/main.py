@@ -104,7 +104,9 @@ def publish_model_status(store: redis.Redis, client: TFServingClient, interval_s
 
 
 def run(settings: Settings, stop: threading.Event) -> None:
-    store = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+    # The read timeout outlasts the 1 s XREADGROUP block, so only a hung Redis trips it.
+    store = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=10,
+                                 health_check_interval=30)
     client = TFServingClient(settings.tfserving_address, settings.model_name,
                              settings.grpc_timeout_s, settings.grpc_retries)
     stream = JobStream(store, settings.consumer_name, settings.max_batch_size,
