@@ -138,6 +138,7 @@ def test_health_readiness_and_metrics(stack):
     ready = requests.get(f"{stack.gateway_url}/readyz", timeout=10)
     assert ready.status_code == 200 and ready.json() == {"ready": True, "model_version": 1}
     post_images(stack.gateway_url, [asset("frog.jpg")])
+    post_images(stack.gateway_url, [("notes.txt", b"not an image")])
     metrics = requests.get(f"{stack.gateway_url}/metrics", timeout=10).text
     assert 'gateway_requests_total{endpoint="/predict",status="200"}' in metrics
     assert "gateway_predict_seconds_bucket" in metrics
