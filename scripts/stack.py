@@ -20,10 +20,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from common.settings import env_int, env_str
+from tfserving.versions import list_versions
 
-from common.settings import env_int, env_str  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 STATE_DIR = REPO / ".stack"
 STATE_FILE = STATE_DIR / "stack.json"
@@ -195,7 +195,7 @@ def up(workers: int, model_base_path: Path) -> int:
     if STATE_FILE.exists():
         print(f"the stack is already up ({STATE_FILE}); run `make down` first", file=sys.stderr)
         return 1
-    if not any(p.name.isdigit() and (p / "saved_model.pb").is_file() for p in model_base_path.glob("*")):
+    if not list_versions(model_base_path):
         print(f"no model version under {model_base_path} (expected {model_base_path}/<version>/saved_model.pb); "
               "export one or set MODEL_BASE_PATH", file=sys.stderr)
         return 1

@@ -31,6 +31,8 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from tfserving.versions import list_versions
+
 log = logging.getLogger("tfserving.standin")
 DEFAULT_SIGNATURE = "serving_default"
 
@@ -46,14 +48,6 @@ class LoadedVersion:
     version: int
     signatures: dict  # signature name -> concrete function
     signature_defs: dict  # signature name -> SignatureDef proto, for GetModelMetadata
-
-
-def list_versions(base_path: Path) -> list[int]:
-    """Integer-named subdirectories holding a SavedModel, the way TF Serving's file system source sees them."""
-    if not base_path.is_dir():
-        return []
-    return sorted(int(p.name) for p in base_path.iterdir()
-                  if p.name.isdigit() and (p / "saved_model.pb").is_file())
 
 
 def read_signature_defs(version_dir: Path) -> dict:

@@ -1,5 +1,6 @@
 """The stand-in's command line and how it finds versions (its gRPC API is tested in tests/)."""
-from tfserving.standin import list_versions, parse_flags
+from tfserving.standin import parse_flags
+from tfserving.versions import list_versions
 
 
 def test_accepts_tensorflow_model_server_flags():
