@@ -1,5 +1,7 @@
 """PNG figures for a run: learning curves, confusion matrix, misclassified images."""
 
+import textwrap
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only: training runs headless
@@ -22,7 +24,7 @@ def plot_history(history, path, title=""):
         ax.grid(alpha=0.3)
         ax.legend()
     acc_ax.set_xlabel("epoch")
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 110), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
