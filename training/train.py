@@ -176,13 +176,18 @@ def restore(model, run_dir):
     return state
 
 
+# What may change between runs in one directory: the epoch budget, and what only shapes evaluation
+# and export, not the trained weights.
+RESUMABLE_CHANGES = {"epochs", "flip_tta", "description", "reported_accuracy", "reported_epochs"}
+
+
 def check_same_config(run_dir, config):
-    """A run directory belongs to one configuration; only the epoch budget may change."""
+    """A run directory belongs to one configuration, apart from RESUMABLE_CHANGES."""
     path = Path(run_dir) / "config.json"
     if path.exists():
         saved = json.loads(path.read_text())
         current = json.loads(json.dumps(asdict(config)))
-        differing = sorted(k for k in current if k != "epochs" and saved.get(k) != current[k])
+        differing = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
         if differing:
             sys.exit(f"error: {run_dir} holds a run of a different configuration ({', '.join(differing)} "
                      f"differ); use another --run-dir")
