@@ -31,8 +31,11 @@ class ImageError(Exception):
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ImageError(protocol.INVALID_IMAGE, f"not a recognised image file: {exc}") from None
+    except UnidentifiedImageError:  # Pillow's message would only name an in-memory buffer
+        raise ImageError(protocol.INVALID_IMAGE,
+                         "not an image format this service reads (JPEG, PNG, GIF, WebP, BMP, TIFF, ...)") from None
+    except (OSError, ValueError) as exc:
+        raise ImageError(protocol.INVALID_IMAGE, f"not a readable image file: {exc}") from None
     except Image.DecompressionBombError as exc:
         raise ImageError(protocol.IMAGE_TOO_LARGE, str(exc)) from None
     if image.width * image.height > max_pixels:

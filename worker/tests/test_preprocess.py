@@ -102,3 +102,4 @@ def test_undecodable_data_is_an_invalid_image(data):
     with pytest.raises(ImageError) as refused:
         preprocess(data, LIMIT)
     assert refused.value.code == protocol.INVALID_IMAGE
+    assert "object at 0x" not in str(refused.value), "the message is for people, not a Python repr"
