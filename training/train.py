@@ -207,8 +207,10 @@ def train(config, data, run_dir, export_base=None, train_limit=None, test_limit=
     if test_limit:
         test_split = test_split.take(test_limit)
 
-    model = build_model(config, train_split.images)
     steps_per_epoch = len(train_split.labels) // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_split.labels)} training images do not fill one batch of {config.batch_size}")
+    model = build_model(config, train_split.images)
     compile_model(model, config, steps_per_epoch)
     state = restore(model, run_dir)
     first_epoch = state["epoch"] if state else 0
@@ -269,7 +271,7 @@ def main(argv=None):
     try:
         evaluation = train(config, args.data, args.run_dir or f"runs/{config.name}", args.export_base,
                            args.train_limit, args.test_limit)
-    except CifarDataError as exc:
+    except (CifarDataError, ValueError) as exc:
         sys.exit(f"error: {exc}")
     print(f"test accuracy {evaluation['accuracy']:.4f} ({evaluation['dataset']})")
 

@@ -78,6 +78,12 @@ def test_a_run_directory_refuses_a_different_configuration(tiny_run, data_dir):
     assert result.returncode == 1 and "different configuration" in result.stderr
 
 
+def test_a_slice_smaller_than_one_batch_is_an_error_not_an_endless_epoch(data_dir, tmp_path):
+    result = run_training("--config", "fast", "--data", data_dir, "--run-dir", tmp_path, "--train-limit", 100)
+    assert result.returncode == 1
+    assert "error: 100 training images do not fill one batch of 256" in result.stderr
+
+
 def train_until_killed(run_dir, data_dir, kill_after_epoch):
     """Start the CLI, SIGKILL it once `kill_after_epoch` epochs are checkpointed."""
     args = [sys.executable, "-m", "training.train", "--config", "tiny", "--epochs", 4, "--deterministic",
