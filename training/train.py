@@ -12,6 +12,7 @@ uninterrupted run would. The test split is only ever evaluated, never trained on
 
 import argparse
 import csv
+import io
 import json
 import os
 import sys
@@ -155,12 +156,11 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
 
 def write_metrics_csv(path, history):
-    tmp = Path(f"{path}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, path)
+    rows = io.StringIO(newline="")
+    writer = csv.DictWriter(rows, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    write_atomically(path, rows.getvalue())
 
 
 def restore(model, run_dir):
