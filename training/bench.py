@@ -8,7 +8,6 @@ machine slows every epoch.
 """
 
 import argparse
-import json
 import os
 import shutil
 import time
@@ -31,9 +30,8 @@ def main(argv=None):
     shutil.rmtree(run_dir, ignore_errors=True)
 
     load_before, start = os.getloadavg()[0], time.perf_counter()
-    evaluation = train(config, args.data, run_dir, verbose=0)
+    evaluation, history = train(config, args.data, run_dir, verbose=0)
     total = time.perf_counter() - start
-    history = json.loads((run_dir / "state.json").read_text())["history"]
 
     print(f"\n{config.name}: {config.description}")
     print(f"{'epoch':>5} {'train s':>8} {'wall s':>8} {'test acc':>9}")

@@ -10,16 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from training.data import CLASS_NAMES, dataset_label, load_cifar10
+from training.export import predict_exported, predict_keras
 from training.plots import plot_confusion_matrix, plot_misclassified
-
-
-def keras_probabilities(model, images, flip_tta, batch_size=500):
-    import keras
-    pixels = images.astype(np.float32)
-    logits = model.predict(pixels, batch_size=batch_size, verbose=0)
-    if flip_tta:
-        logits = (logits + model.predict(pixels[:, :, ::-1], batch_size=batch_size, verbose=0)) / 2
-    return keras.ops.convert_to_numpy(keras.ops.softmax(logits))
 
 
 def report(probabilities, split, out_dir, dataset):
@@ -49,7 +41,7 @@ def report(probabilities, split, out_dir, dataset):
 
 
 def write_evaluation(model, config, split, out_dir, dataset="CIFAR-10"):
-    return report(keras_probabilities(model, split.images, config.flip_tta), split, out_dir, dataset)
+    return report(predict_keras(model, split.images, config.flip_tta), split, out_dir, dataset)
 
 
 def main(argv=None):
@@ -58,7 +50,6 @@ def main(argv=None):
     parser.add_argument("--data", default="data")
     parser.add_argument("--out", help="report directory (default: runs/evaluate-<version>)")
     args = parser.parse_args(argv)
-    from training.export import predict_exported
     _, test = load_cifar10(args.data)
     out = args.out or f"runs/evaluate-{Path(args.export).name}"
     result = report(predict_exported(args.export, test.images), test, out, dataset_label(args.data))

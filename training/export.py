@@ -70,12 +70,18 @@ def export_savedmodel(model, base_path, version=None, flip_tta=False):
     return final
 
 
-def load_serving_fn(export_dir):
-    return tf.saved_model.load(str(export_dir)).signatures[SIGNATURE]
+def probabilities_in_batches(serve, images, batch_size=500):
+    """Run a serving function (exported or not) over uint8 images, batch by batch."""
+    return np.concatenate([serve(**{INPUT: tf.constant(images[i:i + batch_size])})["probabilities"].numpy()
+                           for i in range(0, len(images), batch_size)])
+
+
+def predict_keras(model, images, flip_tta, batch_size=500):
+    """Probabilities from the Keras model through the very function the export serves."""
+    return probabilities_in_batches(tf.function(serving_function(model, flip_tta)), images, batch_size)
 
 
 def predict_exported(export_dir, images, batch_size=500):
     """Probabilities from the exported SavedModel for uint8 images."""
-    serve = load_serving_fn(export_dir)
-    return np.concatenate([serve(**{INPUT: tf.constant(images[i:i + batch_size])})["probabilities"].numpy()
-                           for i in range(0, len(images), batch_size)])
+    serve = tf.saved_model.load(str(export_dir)).signatures[SIGNATURE]
+    return probabilities_in_batches(serve, images, batch_size)

@@ -4,7 +4,6 @@
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import keras
@@ -13,8 +12,7 @@ from training.configs import CONFIGS, SEED_STUDY, get_config
 from training.train import train
 
 
-def study_row(config, run_dir, evaluation):
-    history = json.loads((run_dir / "state.json").read_text())["history"] if (run_dir / "state.json").exists() else []
+def study_row(config, evaluation, history):
     best = max((row.get("val_accuracy", 0) for row in history), default=float("nan"))
     seconds = history[-1]["wall_seconds"] if history else 0
     reported = (f"{config.reported_accuracy:.2f}%" + (f" ({config.reported_epochs} ep)" if config.reported_epochs else "")
@@ -31,8 +29,9 @@ def run_study(names, out, epochs=None, data="data", train_limit=None, test_limit
         run_dir = out / name
         print(f"=== {name} ({config.epochs} epochs) -> {run_dir}", flush=True)
         keras.backend.clear_session()
-        evaluation = train(config, data, run_dir, train_limit=train_limit, test_limit=test_limit, verbose=0)
-        rows.append(study_row(config, run_dir, evaluation))
+        evaluation, history = train(config, data, run_dir, train_limit=train_limit, test_limit=test_limit,
+                                    verbose=0)
+        rows.append(study_row(config, evaluation, history))
     scope = (f"{train_limit or 50000} training images, {test_limit or 10000} test images; "
              f"epoch budget {epochs or 'as configured'}")
     table = "\n".join([

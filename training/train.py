@@ -198,6 +198,7 @@ def check_same_config(run_dir, config):
 # --- the run --------------------------------------------------------------------------------
 
 def train(config, data, run_dir, export_base=None, train_limit=None, test_limit=None, verbose=None):
+    """Train (or resume) `config` in run_dir; returns (evaluation, per-epoch history)."""
     keras.utils.set_random_seed(config.seed)
     run_dir = Path(run_dir)
     check_same_config(run_dir, config)
@@ -233,7 +234,7 @@ def train(config, data, run_dir, export_base=None, train_limit=None, test_limit=
     evaluation = write_evaluation(model, config, test_split, run_dir / "evaluation", dataset_label(data))
     if export_base:
         export_once(model, config, run_dir, export_base)
-    return evaluation
+    return evaluation, history
 
 
 def export_once(model, config, run_dir, export_base):
@@ -269,7 +270,7 @@ def main(argv=None):
     config = get_config(args.config, epochs=args.epochs, batch_size=args.batch_size,
                         learning_rate=args.learning_rate)
     try:
-        evaluation = train(config, args.data, args.run_dir or f"runs/{config.name}", args.export_base,
+        evaluation, _ = train(config, args.data, args.run_dir or f"runs/{config.name}", args.export_base,
                            args.train_limit, args.test_limit)
     except (CifarDataError, ValueError) as exc:
         sys.exit(f"error: {exc}")
