@@ -2,8 +2,8 @@
 
     python -m training.bench --config fast [--target 0.90]
 
-Wall time counts training steps only; the per-epoch test evaluation is reported, not counted,
-and is never used to steer training. The machine's load average is printed because a busy
+Wall time counts training steps only (XLA compilation included); the per-epoch test evaluation
+is reported, not counted, and is never used to steer training. The machine's load average is printed because a busy
 machine slows every epoch.
 """
 
@@ -39,7 +39,7 @@ def main(argv=None):
         print(f"{row['epoch']:>5} {row['epoch_seconds']:>8.1f} {row['wall_seconds']:>8.1f} {row['val_accuracy']:>9.4f}")
     reached = next((row for row in history if row["val_accuracy"] >= args.target), None)
     print(f"final test accuracy {evaluation['accuracy']:.4f} on {evaluation['dataset']}"
-          f"{' with flip TTA' if config.flip_tta else ''}")
+          f"{'' if config.tta == 'none' else f' with {config.tta} TTA'}")
     print(f"training wall time {history[-1]['wall_seconds']:.0f} s; whole command {total:.0f} s "
           f"(data, evaluation, plots included)")
     print(f"{args.target:.0%} first reached: " +

@@ -41,7 +41,7 @@ def report(probabilities, split, out_dir, dataset):
 
 
 def write_evaluation(model, config, split, out_dir, dataset="CIFAR-10"):
-    return report(predict_keras(model, split.images, config.flip_tta), split, out_dir, dataset)
+    return report(predict_keras(model, split.images, config.tta), split, out_dir, dataset)
 
 
 def main(argv=None):

@@ -34,21 +34,37 @@ def next_version(base_path):
     return versions[-1] + 1 if versions else 1
 
 
-def serving_function(model, flip_tta):
+TTA = ("none", "flip", "flip_translate")
+
+
+def averaged_logits(model, pixels, tta):
+    """airbench's test-time augmentation: average with the mirror image ("flip", 2 passes), and
+    also with 1-pixel shifts up-left and down-right ("flip_translate", 6 passes)."""
+    def with_mirror(x):
+        logits = model(x, training=False)
+        return logits if tta == "none" else (logits + model(tf.image.flip_left_right(x), training=False)) / 2
+
+    logits = with_mirror(pixels)
+    if tta == "flip_translate":
+        padded = tf.pad(pixels, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="REFLECT")
+        logits = (logits + (with_mirror(padded[:, :32, :32]) + with_mirror(padded[:, 2:, 2:])) / 2) / 2
+    return logits
+
+
+def serving_function(model, tta):
+    if tta not in TTA:
+        raise ValueError(f"unknown test-time augmentation {tta!r}; choose from {', '.join(TTA)}")
     classes = tf.constant(CLASS_NAMES)
 
     def serve(images):
-        pixels = tf.cast(images, tf.float32)
-        logits = model(pixels, training=False)
-        if flip_tta:
-            logits = (logits + model(tf.image.flip_left_right(pixels), training=False)) / 2
+        logits = averaged_logits(model, tf.cast(images, tf.float32), tta)
         batch = tf.shape(images)[0]
         return {"probabilities": tf.nn.softmax(logits),
                 "classes": tf.tile(classes[tf.newaxis], [batch, 1])}
     return serve
 
 
-def export_savedmodel(model, base_path, version=None, flip_tta=False):
+def export_savedmodel(model, base_path, version=None, tta="none"):
     """Write `model` as version `version` (default: the next integer) under base_path."""
     base = Path(base_path)
     base.mkdir(parents=True, exist_ok=True)
@@ -58,7 +74,7 @@ def export_savedmodel(model, base_path, version=None, flip_tta=False):
         raise FileExistsError(f"{final} exists: versions are immutable, pick a new one")
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint(SIGNATURE, serving_function(model, flip_tta),
+    archive.add_endpoint(SIGNATURE, serving_function(model, tta),
                          input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8, name=INPUT)])
     staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=base))  # not an integer: servers skip it
     try:
@@ -76,9 +92,9 @@ def probabilities_in_batches(serve, images, batch_size=500):
                            for i in range(0, len(images), batch_size)])
 
 
-def predict_keras(model, images, flip_tta, batch_size=500):
+def predict_keras(model, images, tta, batch_size=500):
     """Probabilities from the Keras model through the very function the export serves."""
-    return probabilities_in_batches(tf.function(serving_function(model, flip_tta)), images, batch_size)
+    return probabilities_in_batches(tf.function(serving_function(model, tta)), images, batch_size)
 
 
 def predict_exported(export_dir, images, batch_size=500):

@@ -27,7 +27,7 @@ import keras
 from training.configs import CONFIGS, get_config
 from training.data import CifarDataError, dataset_label, ensure_cifar10, load_cifar10
 from training.evaluate import write_evaluation
-from training.export import export_savedmodel
+from training.export import TTA, export_savedmodel
 from training.models import build_model
 from training.plots import plot_history
 
@@ -97,13 +97,35 @@ class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
         return dict(peak=self.peak, total_steps=self.total_steps, warmup_fraction=self.warmup_fraction)
 
 
+@keras.saving.register_keras_serializable("cifar10")
+class BiasScaledSGD(keras.optimizers.SGD):
+    """SGD whose BatchNorm biases take `bias_lr_scale` times larger steps (airbench: with their
+    scales frozen, BatchNorm biases are the only per-channel knobs, and they learn slowly)."""
+
+    def __init__(self, *args, bias_lr_scale=1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bias_lr_scale = bias_lr_scale
+
+    def build(self, variables):
+        super().build(variables)
+        self._bias_indexes = {self._get_variable_index(v) for v in variables if v.path.endswith("/beta")}
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self._get_variable_index(variable) in self._bias_indexes:
+            learning_rate = learning_rate * self.bias_lr_scale
+        super().update_step(gradient, variable, learning_rate)
+
+    def get_config(self):
+        return {**super().get_config(), "bias_lr_scale": self.bias_lr_scale}
+
+
 def make_optimizer(config, steps_per_epoch):
     lr = learning_rate(config, steps_per_epoch)
     if config.optimizer == "adam":
         return keras.optimizers.Adam(lr)
     if config.optimizer in ("sgd", "nesterov"):
-        return keras.optimizers.SGD(lr, momentum=0.9, nesterov=config.optimizer == "nesterov",
-                                    weight_decay=config.weight_decay or None)
+        return BiasScaledSGD(lr, momentum=config.momentum, nesterov=config.optimizer == "nesterov",
+                             weight_decay=config.weight_decay or None, bias_lr_scale=config.bn_bias_lr_scale)
     raise ValueError(f"unknown optimizer {config.optimizer!r}")
 
 
@@ -132,13 +154,20 @@ class EpochCheckpoint(keras.callbacks.Callback):
         (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.epoch_start = time.perf_counter()
+        self.epoch_start, self.test_start = time.perf_counter(), None
+
+    def on_test_begin(self, logs=None):
+        self.test_start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        seconds = time.perf_counter() - self.epoch_start
+        # Training time excludes the per-epoch test evaluation, which only reports progress.
+        now = time.perf_counter()
+        test_start = self.test_start or now
+        seconds = test_start - self.epoch_start
         self.wall_time += seconds
         row = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()},
-               "epoch_seconds": round(seconds, 2), "wall_seconds": round(self.wall_time, 2)}
+               "epoch_seconds": round(seconds, 2), "wall_seconds": round(self.wall_time, 2),
+               "test_seconds": round(now - test_start, 2)}
         self.history.append(row)
         weights = self.run_dir / "checkpoints" / f"epoch-{epoch + 1:04d}.weights.h5"
         self.model.save_weights(weights)
@@ -178,7 +207,7 @@ def restore(model, run_dir):
 
 # What may change between runs in one directory: the epoch budget, and what only shapes evaluation
 # and export, not the trained weights.
-RESUMABLE_CHANGES = {"epochs", "flip_tta", "description", "reported_accuracy", "reported_epochs"}
+RESUMABLE_CHANGES = {"epochs", "tta", "description", "reported_accuracy", "reported_epochs"}
 
 
 def check_same_config(run_dir, config):
@@ -243,7 +272,7 @@ def export_once(model, config, run_dir, export_base):
     if record.exists():
         print(f"already exported: {json.loads(record.read_text())['path']}")
         return
-    path = export_savedmodel(model, export_base, flip_tta=config.flip_tta)
+    path = export_savedmodel(model, export_base, tta=config.tta)
     write_atomically(record, json.dumps({"path": str(path), "version": int(path.name)}))
     print(f"exported {path}")
 
@@ -254,6 +283,8 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=int, help="epoch budget (default: the configuration's)")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--tta", choices=TTA, help="test-time augmentation in evaluation and export "
+                        "(default: the configuration's; a finished run can be re-evaluated with another)")
     parser.add_argument("--data", default="data", help="data dir, cifar-10-batches-py/ or the tarball")
     parser.add_argument("--run-dir", help="default: runs/<config>")
     parser.add_argument("--export-base", help="also export a new SavedModel version under this path")
@@ -268,7 +299,7 @@ def main(argv=None):
     if args.deterministic:
         tf.config.experimental.enable_op_determinism()
     config = get_config(args.config, epochs=args.epochs, batch_size=args.batch_size,
-                        learning_rate=args.learning_rate)
+                        learning_rate=args.learning_rate, tta=args.tta)
     try:
         evaluation, _ = train(config, args.data, args.run_dir or f"runs/{config.name}", args.export_base,
                            args.train_limit, args.test_limit)

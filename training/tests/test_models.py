@@ -30,3 +30,37 @@ def test_unknown_configs_list_the_choices():
     with pytest.raises(KeyError, match="choose from: base1"):
         get_config("vgg16")
     assert get_config("fast", epochs=3).epochs == 3 and CONFIGS["fast"].epochs == 10
+
+
+def test_partial_dirac_init_starts_each_conv_near_the_identity():
+    from training.models import PartialDirac
+    kernel = np.asarray(PartialDirac()((3, 3, 16, 48)))
+    identity = np.zeros((3, 3, 16, 16))
+    identity[1, 1] = np.eye(16)
+    assert np.array_equal(kernel[..., :16], identity)
+    assert 0 < np.abs(kernel[..., 16:]).max() <= 1 / np.sqrt(3 * 3 * 16)
+
+
+@pytest.mark.parametrize("tta", ["none", "flip", "flip_translate"])
+def test_test_time_augmentation_averages_the_views_airbench_uses(tta):
+    import tensorflow as tf
+    from training.export import averaged_logits
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (6, 32, 32, 3)).astype(np.float32)
+    model = build_model(get_config("tiny"), images.astype(np.uint8))
+
+    def mirrored(x):  # numpy views, independent of the graph code
+        logits = model.predict(x, verbose=0)
+        return logits if tta == "none" else (logits + model.predict(x[:, :, ::-1], verbose=0)) / 2
+
+    expected = mirrored(images)
+    if tta == "flip_translate":
+        padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+        expected = (expected + (mirrored(padded[:, :32, :32]) + mirrored(padded[:, 2:, 2:])) / 2) / 2
+    assert np.allclose(averaged_logits(model, tf.constant(images), tta).numpy(), expected, atol=1e-4)
+
+
+def test_unknown_test_time_augmentation_is_refused():
+    from training.export import serving_function
+    with pytest.raises(ValueError, match="choose from none, flip, flip_translate"):
+        serving_function(None, "rotate")

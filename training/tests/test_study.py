@@ -15,7 +15,7 @@ def test_every_configuration_builds_documented_and_distinct():
 
 def test_the_whole_seed_study_runs_end_to_end_at_a_small_budget(data_dir, tmp_path):
     names = SEED_STUDY + ["fast"]
-    table = run_study(names, tmp_path, epochs=1, data=data_dir, train_limit=256, test_limit=64).read_text()
+    table = run_study(names, tmp_path, epochs=1, data=data_dir, train_limit=1024, test_limit=64).read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| config")]
     assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == names
     assert "| 82.37% |" in table and "90.87% (275 ep)" in table

@@ -81,7 +81,7 @@ def test_a_run_directory_refuses_a_different_configuration(tiny_run, data_dir):
 def test_a_slice_smaller_than_one_batch_is_an_error_not_an_endless_epoch(data_dir, tmp_path):
     result = run_training("--config", "fast", "--data", data_dir, "--run-dir", tmp_path, "--train-limit", 100)
     assert result.returncode == 1
-    assert "error: 100 training images do not fill one batch of 256" in result.stderr
+    assert "error: 100 training images do not fill one batch of 1024" in result.stderr
 
 
 def train_until_killed(run_dir, data_dir, kill_after_epoch):
