@@ -72,8 +72,9 @@ def export_savedmodel(model, base_path, version=None, tta="none"):
     final = base / str(version)
     if final.exists():
         raise FileExistsError(f"{final} exists: versions are immutable, pick a new one")
+    # Not archive.track(model): the endpoint tracks the variables it uses, and tracking the model
+    # as well stores every weight twice.
     archive = keras.export.ExportArchive()
-    archive.track(model)
     archive.add_endpoint(SIGNATURE, serving_function(model, tta),
                          input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8, name=INPUT)])
     staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=base))  # not an integer: servers skip it

@@ -63,6 +63,19 @@ def test_the_export_reloads_and_agrees_with_the_evaluation(tiny_run, data_dir):
     assert np.allclose(predict_exported(export, images, batch_size=100), probabilities, atol=1e-6)
 
 
+def test_the_export_stores_each_weight_once(tiny_run, data_dir):
+    import tensorflow as tf
+    from training.configs import get_config
+    from training.data import load_cifar10
+    from training.models import build_model
+    root, _ = tiny_run
+    train, _ = load_cifar10(data_dir)
+    model = build_model(get_config("tiny"), train.images[:1024])
+    reader = tf.train.load_checkpoint(str(root / "models" / "1" / "variables" / "variables"))
+    stored = sum(int(np.prod(shape)) for shape in reader.get_variable_to_shape_map().values())
+    assert model.count_params() <= stored < 1.2 * model.count_params()
+
+
 def test_rerunning_a_finished_run_trains_nothing_and_exports_nothing_new(tiny_run, data_dir):
     root, _ = tiny_run
     result = run_training("--config", "tiny", "--epochs", 1, "--data", data_dir, "--run-dir", root / "run",
