@@ -3,8 +3,8 @@
     python -m training.bench --config fast [--target 0.90]
 
 Wall time counts training steps only (XLA compilation included); the per-epoch test evaluation
-is reported, not counted, and is never used to steer training. The machine's load average is printed because a busy
-machine slows every epoch.
+is reported, not counted, and is never used to steer training. The machine's load average is
+printed because a busy machine slows every epoch.
 """
 
 import argparse
