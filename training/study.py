@@ -36,8 +36,8 @@ def run_study(names, out, epochs=None, data="data", train_limit=None, test_limit
              f"epoch budget {epochs or 'as configured'}")
     table = "\n".join([
         f"# Study ({scope})", "",
-        "Final test accuracy is after the last epoch (with test-time augmentation where the configuration uses it); "
-        "best is the best per-epoch test accuracy, shown for comparison with the seed, never used for selection.", "",
+        "Final test accuracy is after the last epoch (with test-time augmentation where the configuration "
+        "uses it); best is the best per-epoch test accuracy, shown for comparison with the seed, never used for selection.", "",
         "| config | what | epochs | test acc | best epoch | minutes | seed reported |",
         "|---|---|---|---|---|---|---|", *rows, ""])
     (out / "STUDY.md").write_text(table)

@@ -302,7 +302,7 @@ def main(argv=None):
                         learning_rate=args.learning_rate, tta=args.tta)
     try:
         evaluation, _ = train(config, args.data, args.run_dir or f"runs/{config.name}", args.export_base,
-                           args.train_limit, args.test_limit)
+                              args.train_limit, args.test_limit)
     except (CifarDataError, ValueError) as exc:
         sys.exit(f"error: {exc}")
     print(f"test accuracy {evaluation['accuracy']:.4f} ({evaluation['dataset']})")
