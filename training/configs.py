@@ -19,7 +19,8 @@ class TrainConfig:
     l2: float = 0.0
     block_dropout: tuple = ()            # dropout after each block, e.g. (0.2, 0.3, 0.4)
     dense_dropout: float = 0.0
-    augmentation: str = "none"           # "none", "seed" (rotate 10, shift 0.1, flip), "crop_flip"
+    augmentation: str = "none"           # "none", "seed" (rotate 10, shift 0.1, flip), "crop_flip",
+                                         # "crop_alternating_flip" (each image mirrored every other epoch)
     crop_pixels: int = 2                 # max translation for crop_flip
     preprocessing: str = "centering"     # "centering" (x/255) or "normalization" (train mean/std)
     optimizer: str = "sgd"               # "sgd" (momentum), "nesterov" or "adam"
@@ -27,10 +28,12 @@ class TrainConfig:
     momentum: float = 0.9
     bn_bias_lr_scale: float = 1.0        # BatchNorm biases learn this much faster (airbench: 64)
     schedule: str = "constant"           # "constant", "step" (fine-tune phase), "onecycle"
-    warmup_fraction: float = 0.2         # onecycle: linear ramp up, then linear decay to 0
+    warmup_fraction: float = 0.2         # onecycle: linear ramp up to the peak, then linear decay
+    onecycle_ends: tuple = (0.0, 0.0)    # onecycle: learning rate at the first and last step / peak
     fine_tune_epochs: int = 0            # "step": the last epochs run at fine_tune_lr
     fine_tune_lr: float = 1e-4
     weight_decay: float = 0.0            # decoupled, for the fast recipe's SGD
+    lookahead: bool = False              # every 5 steps, restart from a slow average of the weights
     label_smoothing: float = 0.0
     logit_scale: float = 1.0             # airbench divides the logits by 9: a fixed softmax temperature
     batch_size: int = 64
@@ -86,12 +89,13 @@ CONFIGS = {c.name: c for c in [
     # Keras' mean loss and decoupled decay: lr 11.5 per 1024 examples / (1 + 1/(1 - 0.85)) = 1.5;
     # decay 0.0153 * 1024 / 7851 per step, through momentum: 0.0133 per step at the peak lr.
     TrainConfig(
-        "fast", "airbench-style net for 2 CPU cores: ReLU, BN, frozen whitening stem, crop+flip, "
-                "label smoothing, Nesterov SGD one-cycle, flip TTA",
-        architecture="airbench", widths=(32, 64, 128), augmentation="crop_flip", crop_pixels=2,
+        "fast", "airbench-style net for 2 CPU cores: ReLU, BN, frozen whitening stem, crop + alternating "
+                "flip, label smoothing, Nesterov SGD one-cycle, lookahead, flip TTA",
+        architecture="airbench", widths=(32, 64, 128), augmentation="crop_alternating_flip", crop_pixels=2,
         preprocessing="normalization", optimizer="nesterov", learning_rate=1.5, momentum=0.85,
-        bn_bias_lr_scale=64.0, schedule="onecycle", warmup_fraction=0.2, weight_decay=0.0089,
-        label_smoothing=0.2, logit_scale=1 / 9, batch_size=1024, epochs=10, tta="flip"),
+        bn_bias_lr_scale=64.0, schedule="onecycle", warmup_fraction=0.23, onecycle_ends=(0.2, 0.07),
+        weight_decay=0.0089,
+        label_smoothing=0.2, logit_scale=1 / 9, batch_size=1024, epochs=10, tta="flip", lookahead=True),
 ]}
 CONFIGS["default"] = replace(
     CONFIGS["fast"], name="default",

@@ -27,11 +27,13 @@ def augmentation_layers(config):
         return [layers.RandomRotation(10 / 360, fill_mode="nearest", seed=config.seed),
                 layers.RandomTranslation(0.1, 0.1, fill_mode="nearest", seed=config.seed + 1),
                 layers.RandomFlip("horizontal", seed=config.seed + 2)]
-    if config.augmentation == "crop_flip":
+    if config.augmentation in ("crop_flip", "crop_alternating_flip"):
         shift = config.crop_pixels / 32
-        return [layers.RandomTranslation(shift, shift, fill_mode="reflect", interpolation="nearest",
-                                         seed=config.seed),
-                layers.RandomFlip("horizontal", seed=config.seed + 1)]
+        crop = layers.RandomTranslation(shift, shift, fill_mode="reflect", interpolation="nearest",
+                                        seed=config.seed)
+        if config.augmentation == "crop_alternating_flip":
+            return [crop]  # the flips depend on the epoch: training_batches makes them
+        return [crop, layers.RandomFlip("horizontal", seed=config.seed + 1)]
     raise ValueError(f"unknown augmentation {config.augmentation!r}")
 
 
@@ -94,7 +96,7 @@ class PartialDirac(keras.initializers.Initializer):
 def airbench_network(x, config, whitening_sample):
     """A frozen whitening stem, then conv-pool-BN-ReLU-conv-BN-ReLU blocks (Keller Jordan's
     airbench, with ReLU instead of GELU: on 2 CPU cores GELU doubles the step time)."""
-    bn = dict(momentum=0.4, epsilon=1e-5, scale=False)
+    bn = dict(momentum=0.6, epsilon=1e-5, scale=False)  # airbench's 0.6: PyTorch's momentum=0.4
     whiten = layers.Conv2D(24, 2, padding="valid", name="whiten")
     x = whiten(x)
     whiten.kernel.assign(whitening_kernel(whitening_sample))

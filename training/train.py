@@ -47,15 +47,27 @@ def training_batches(split, config, first_epoch, steps_per_epoch):
     sees exactly the batches an uninterrupted one would."""
     images, labels = tf.constant(split.images), tf.one_hot(split.labels, 10)
     n = len(split.labels)
+    # airbench's alternating flip: a random half of the images is mirrored in even epochs, the
+    # other half in odd ones, so every image is seen both ways every two epochs.
+    mirrored_in_even_epochs = tf.random.stateless_uniform([n], seed=[config.seed, -1]) < 0.5
+    alternating_flip = config.augmentation == "crop_alternating_flip"
 
     def epoch_order(epoch):
         order = tf.random.experimental.stateless_shuffle(tf.range(n), seed=tf.stack([config.seed, epoch]))
-        return tf.data.Dataset.from_tensor_slices(order[:steps_per_epoch * config.batch_size])
+        order = order[:steps_per_epoch * config.batch_size]
+        return tf.data.Dataset.from_tensor_slices((order, tf.fill(tf.shape(order), epoch)))
+
+    def batch(idx, epoch):
+        x = tf.cast(tf.gather(images, idx), tf.float32)
+        if alternating_flip:
+            mirror = tf.not_equal(tf.gather(mirrored_in_even_epochs, idx), epoch % 2 == 1)
+            x = tf.where(mirror[:, None, None, None], tf.reverse(x, axis=[2]), x)
+        return x, tf.gather(labels, idx)
 
     return (tf.data.Dataset.range(first_epoch, 1 << 30)
             .flat_map(epoch_order)
             .batch(config.batch_size, drop_remainder=True)
-            .map(lambda idx: (tf.cast(tf.gather(images, idx), tf.float32), tf.gather(labels, idx)))
+            .map(batch)
             .prefetch(2))
 
 
@@ -75,26 +87,28 @@ def learning_rate(config, steps_per_epoch):
         return keras.optimizers.schedules.PiecewiseConstantDecay(
             [boundary], [config.learning_rate, config.fine_tune_lr])
     if config.schedule == "onecycle":
-        return OneCycle(config.learning_rate, total, config.warmup_fraction)
+        return OneCycle(config.learning_rate, total, config.warmup_fraction, *config.onecycle_ends)
     raise ValueError(f"unknown schedule {config.schedule!r}")
 
 
 @keras.saving.register_keras_serializable("cifar10")
 class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up to `peak`, then linear decay to zero at `total_steps`."""
+    """Linear from start * peak up to `peak`, then linear down to end * peak at `total_steps`."""
 
-    def __init__(self, peak, total_steps, warmup_fraction):
+    def __init__(self, peak, total_steps, warmup_fraction, start=0.0, end=0.0):
         self.peak, self.total_steps, self.warmup_fraction = peak, total_steps, warmup_fraction
+        self.start, self.end = start, end
 
     def __call__(self, step):
         step = keras.ops.cast(step, "float32")
         warmup = max(1.0, self.warmup_fraction * self.total_steps)
-        rise = step / warmup
-        fall = (self.total_steps - step) / max(1.0, self.total_steps - warmup)
+        rise = self.start + (1 - self.start) * step / warmup
+        fall = self.end + (1 - self.end) * (self.total_steps - step) / max(1.0, self.total_steps - warmup)
         return self.peak * keras.ops.clip(keras.ops.minimum(rise, fall), 0.0, 1.0)
 
     def get_config(self):
-        return dict(peak=self.peak, total_steps=self.total_steps, warmup_fraction=self.warmup_fraction)
+        return dict(peak=self.peak, total_steps=self.total_steps, warmup_fraction=self.warmup_fraction,
+                    start=self.start, end=self.end)
 
 
 @keras.saving.register_keras_serializable("cifar10")
@@ -117,6 +131,40 @@ class BiasScaledSGD(keras.optimizers.SGD):
 
     def get_config(self):
         return {**super().get_config(), "bias_lr_scale": self.bias_lr_scale}
+
+
+class Lookahead(keras.callbacks.Callback):
+    """airbench's lookahead (from hlb-cifar10): from the 4th epoch on, every 5 steps the weights
+    move to a slow average of themselves, whose weight grows as 0.95^5 * progress^3, and every
+    epoch ends on the average."""
+
+    PERIOD, FIRST_EPOCH = 5, 3
+
+    def __init__(self, steps_per_epoch, total_steps, slow=None):
+        super().__init__()
+        self.steps_per_epoch, self.total_steps, self.slow = steps_per_epoch, total_steps, slow
+
+    def averaged_variables(self):
+        # BatchNorm's moving statistics included: airbench averages every float tensor of the net.
+        return [v for v in self.model.weights if "float" in str(v.dtype)]
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations)
+        if step <= self.FIRST_EPOCH * self.steps_per_epoch:
+            return
+        if step % self.PERIOD == 0:
+            if self.slow is None:
+                self.slow = [np.array(v) for v in self.averaged_variables()]
+            else:
+                decay = 0.95 ** self.PERIOD * (step / self.total_steps) ** 3
+                self.move_to_average(decay)
+        if step % self.steps_per_epoch == 0 and self.slow is not None:
+            self.move_to_average(decay=1.0)
+
+    def move_to_average(self, decay):
+        for slow, variable in zip(self.slow, self.averaged_variables()):
+            slow += (1 - decay) * (np.asarray(variable) - slow)
+            variable.assign(slow)
 
 
 def make_optimizer(config, steps_per_epoch):
@@ -148,9 +196,10 @@ class EpochCheckpoint(keras.callbacks.Callback):
     """After every epoch: weights + optimizer (a new file), then state.json pointing at it
     (atomic rename), then metrics.csv. A kill at any moment leaves a consistent last epoch."""
 
-    def __init__(self, run_dir, history, wall_time):
+    def __init__(self, run_dir, history, wall_time, lookahead=None):
         super().__init__()
         self.run_dir, self.history, self.wall_time = Path(run_dir), history, wall_time
+        self.lookahead = lookahead
         (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -174,10 +223,16 @@ class EpochCheckpoint(keras.callbacks.Callback):
         state = {"epoch": epoch + 1, "weights": weights.name, "wall_seconds": self.wall_time,
                  "history": self.history,
                  "seed_states": {k: np.asarray(v).tolist() for k, v in seed_states(self.model).items()}}
+        saved = {weights}
+        if self.lookahead and self.lookahead.slow is not None:
+            slow = weights.with_name(f"epoch-{epoch + 1:04d}.lookahead.npz")
+            np.savez(slow, *self.lookahead.slow)
+            state["lookahead"] = slow.name
+            saved.add(slow)
         write_atomically(self.run_dir / STATE, json.dumps(state))
         write_metrics_csv(self.run_dir / "metrics.csv", self.history)
-        for old in (self.run_dir / "checkpoints").glob("epoch-*.weights.h5"):
-            if old != weights:
+        for old in (self.run_dir / "checkpoints").glob("epoch-*"):
+            if old not in saved:
                 old.unlink()
         print(f"epoch {epoch + 1}: {seconds:.1f}s (total {self.wall_time:.0f}s) "
               f"train acc {logs['accuracy']:.4f} test acc {logs.get('val_accuracy', float('nan')):.4f}",
@@ -251,11 +306,19 @@ def train(config, data, run_dir, export_base=None, train_limit=None, test_limit=
     if first_epoch < config.epochs:
         print(f"training {config.name}: {len(train_split.labels)} train images, {steps_per_epoch} steps "
               f"of {config.batch_size} per epoch, {config.epochs} epochs", flush=True)
+        lookahead = None
+        if config.lookahead:
+            slow = state.get("lookahead") if state else None
+            if slow:
+                with np.load(run_dir / "checkpoints" / slow) as saved:
+                    slow = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+            lookahead = Lookahead(steps_per_epoch, config.epochs * steps_per_epoch, slow)
         model.fit(
             training_batches(train_split, config, first_epoch, steps_per_epoch),
             steps_per_epoch=steps_per_epoch, initial_epoch=first_epoch, epochs=config.epochs,
             validation_data=test_batches(test_split), shuffle=False,
-            callbacks=[EpochCheckpoint(run_dir, history, state["wall_seconds"] if state else 0.0),
+            callbacks=[*([lookahead] if lookahead else []),
+                       EpochCheckpoint(run_dir, history, state["wall_seconds"] if state else 0.0, lookahead),
                        keras.callbacks.TensorBoard(run_dir / "tensorboard")],
             verbose=verbose if verbose is not None else (1 if sys.stdout.isatty() else 2),
         )

@@ -130,3 +130,67 @@ def test_kill_9_then_resume_ends_where_an_uninterrupted_run_does(data_dir, tmp_p
     assert len((tmp_path / "interrupted/metrics.csv").read_text().splitlines()) == 5
     for a, b in zip(history("interrupted"), history("straight")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["val_accuracy"] == b["val_accuracy"]
+
+
+def test_alternating_flip_mirrors_each_image_in_every_other_epoch(data_dir):
+    from dataclasses import replace
+    from training.configs import get_config
+    from training.data import load_cifar10
+    from training.train import training_batches
+    train, _ = load_cifar10(data_dir)
+    split = train.take(128)
+    config = replace(get_config("tiny"), augmentation="crop_alternating_flip", batch_size=64)
+    batches = training_batches(split, config, first_epoch=0, steps_per_epoch=2).take(6)
+    originals, mirrors = split.images.reshape(128, -1), split.images[:, :, ::-1].reshape(128, -1)
+
+    def find(image):
+        """(index, mirrored) of a batch image among the originals."""
+        image = image.astype(np.uint8).reshape(1, -1)
+        plain, mirrored = np.flatnonzero((originals == image).all(1)), np.flatnonzero((mirrors == image).all(1))
+        assert len(plain) + len(mirrored) == 1, "a symmetric or unknown image"
+        return (plain[0], False) if len(plain) else (mirrored[0], True)
+
+    epochs = [{}, {}, {}]
+    for step, (images, _) in enumerate(batches):
+        epochs[step // 2].update(find(image) for image in images.numpy())
+    assert all(sorted(epoch) == list(range(128)) for epoch in epochs)
+    assert 40 < sum(epochs[0].values()) < 88
+    assert all(epochs[0][i] != epochs[1][i] and epochs[0][i] == epochs[2][i] for i in range(128))
+
+
+def test_lookahead_averages_every_5_steps_from_the_4th_epoch_and_ends_each_epoch_on_the_average():
+    import keras
+    from training.train import Lookahead
+    steps_per_epoch, epochs = 4, 7
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8 * steps_per_epoch, 4)).astype("float32")
+    y = rng.normal(size=(8 * steps_per_epoch, 1)).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    fast = []
+
+    class RecordFastWeights(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            fast.append([np.array(w) for w in self.model.weights])
+
+    model.fit(x, y, batch_size=8, epochs=epochs, shuffle=False, verbose=0,
+              callbacks=[RecordFastWeights(), Lookahead(steps_per_epoch, steps_per_epoch * epochs)])
+    slow, averaged = None, 0
+    for step, weights in enumerate(fast, start=1):
+        if step > 3 * steps_per_epoch and step % 5 == 0:
+            if slow is None:
+                slow = weights
+            else:
+                decay = 0.95 ** 5 * (step / (steps_per_epoch * epochs)) ** 3
+                slow = [s + (1 - decay) * (w - s) for s, w in zip(slow, weights)]
+                averaged += 1
+    assert averaged == 2  # steps 20 and 25; step 15 starts the average
+    assert all(np.allclose(s, w) for s, w in zip(slow, model.weights))
+    assert not np.allclose(fast[-1][0], model.weights[0])
+
+
+def test_onecycle_rises_from_its_start_to_the_peak_then_falls_to_its_end():
+    from training.train import OneCycle
+    schedule = OneCycle(2.0, total_steps=100, warmup_fraction=0.25, start=0.2, end=0.1)
+    lr = {step: float(schedule(step)) for step in (0, 10, 25, 50, 100)}
+    assert lr == pytest.approx({0: 0.4, 10: 0.4 + 1.6 * 10 / 25, 25: 2.0, 50: 0.2 + 1.8 * 50 / 75, 100: 0.2})
