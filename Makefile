@@ -6,6 +6,7 @@ DATA_DIR ?= data
 SHARED_CIFAR ?= ../shared/data/cifar10/prepare.py
 CONFIG ?= fast
 EPOCHS ?=
+PRECISION ?=
 RUN_DIR ?= runs/$(CONFIG)
 MODEL_BASE_PATH ?= models/cifar10
 
@@ -31,8 +32,9 @@ $(DATA_DIR)/cifar-10-batches-py/batches.meta:
 		echo "CIFAR-10 (JPEG copy)" > $(DATA_DIR)/DATASET.txt; \
 	else $(PY) -m training.data download $(DATA_DIR); fi
 
-train: setup data ## Train one config: make train CONFIG=base3 EPOCHS=5 [EXPORT=1 serves it]; resumes if killed
-	$(PY) -m training.train --config $(CONFIG) $(if $(EPOCHS),--epochs $(EPOCHS)) --data $(DATA_DIR) \
+train: setup data ## Train one config: make train CONFIG=base3 EPOCHS=5 [PRECISION=mixed_bfloat16] [EXPORT=1 serves it]; resumes if killed
+	$(PY) -m training.train --config $(CONFIG) $(if $(EPOCHS),--epochs $(EPOCHS)) \
+		$(if $(PRECISION),--precision $(PRECISION)) --data $(DATA_DIR) \
 		--run-dir $(RUN_DIR) $(if $(EXPORT),--export-base $(MODEL_BASE_PATH))
 
 configs: setup ## List the training configurations (the seed's study, fast, default)
@@ -43,7 +45,7 @@ study: setup data ## Compare configurations in runs/study/STUDY.md: make study E
 		--data $(DATA_DIR) --out runs/study
 
 bench-train: setup data ## Time the fast recipe from scratch: wall time and test accuracy per epoch
-	$(PY) -m training.bench --config $(CONFIG) --data $(DATA_DIR)
+	$(PY) -m training.bench --config $(CONFIG) $(if $(PRECISION),--precision $(PRECISION)) --data $(DATA_DIR)
 
 evaluate: setup data ## Evaluation report of an exported model: make evaluate MODEL=models/cifar10/1
 	$(PY) -m training.evaluate --export $(or $(MODEL),$(MODEL_BASE_PATH)/1) --data $(DATA_DIR)

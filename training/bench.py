@@ -1,6 +1,6 @@
 """Benchmark a training recipe from scratch: wall time and test accuracy per epoch.
 
-    python -m training.bench --config fast [--target 0.90]
+    python -m training.bench --config fast [--precision mixed_bfloat16] [--target 0.90]
 
 Wall time counts training steps only (XLA compilation included); the per-epoch test evaluation
 is reported, not counted, and is never used to steer training. The machine's load average is
@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from training.configs import CONFIGS, get_config
+from training.configs import CONFIGS, PRECISIONS, get_config
 from training.train import train
 
 
@@ -21,11 +21,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="fast", choices=sorted(CONFIGS))
     parser.add_argument("--epochs", type=int)
+    parser.add_argument("--precision", choices=PRECISIONS)
     parser.add_argument("--data", default="data")
     parser.add_argument("--target", type=float, default=0.90)
     parser.add_argument("--run-dir", default=None, help="default: runs/bench-<config> (started afresh)")
     args = parser.parse_args(argv)
-    config = get_config(args.config, epochs=args.epochs)
+    config = get_config(args.config, epochs=args.epochs, precision=args.precision)
     run_dir = Path(args.run_dir or f"runs/bench-{config.name}")
     shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -33,7 +34,7 @@ def main(argv=None):
     evaluation, history = train(config, args.data, run_dir, verbose=0)
     total = time.perf_counter() - start
 
-    print(f"\n{config.name}: {config.description}")
+    print(f"\n{config.name}: {config.description} ({config.precision})")
     print(f"{'epoch':>5} {'train s':>8} {'wall s':>8} {'test acc':>9}")
     for row in history:
         print(f"{row['epoch']:>5} {row['epoch_seconds']:>8.1f} {row['wall_seconds']:>8.1f} {row['val_accuracy']:>9.4f}")

@@ -7,6 +7,9 @@ test accuracy is kept beside each configuration so the study table can compare.
 from dataclasses import asdict, dataclass, replace
 
 
+PRECISIONS = ("float32", "mixed_bfloat16")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     name: str
@@ -39,6 +42,8 @@ class TrainConfig:
     batch_size: int = 64
     epochs: int = 100
     tta: str = "none"                    # test-time augmentation: "none", "flip", "flip_translate"
+    precision: str = "float32"           # or "mixed_bfloat16": bf16 convs (CPUs with AMX, GPUs);
+                                         # evaluation and export run in float32 either way
     seed: int = 0
     reported_accuracy: float | None = None  # the seed README's test accuracy, for the study table
     reported_epochs: int | None = None

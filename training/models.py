@@ -4,6 +4,8 @@ Every model takes raw pixels (float 0-255, [N, 32, 32, 3]) and returns logits: p
 and augmentation live inside the model, so the exported graph and the training loop agree.
 """
 
+from dataclasses import replace
+
 import numpy as np
 import keras
 from keras import layers
@@ -13,27 +15,29 @@ from training.data import channel_stats
 
 def preprocessing_layer(config, mean, std):
     if config.preprocessing == "centering":
-        return layers.Rescaling(1 / 255, name="centering")
+        return layers.Rescaling(1 / 255, name="centering", dtype="float32")
     if config.preprocessing == "normalization":
-        return layers.Normalization(mean=list(mean), variance=list(np.square(std)), name="normalization")
+        return layers.Normalization(mean=list(mean), variance=list(np.square(std)), name="normalization",
+                                    dtype="float32")
     raise ValueError(f"unknown preprocessing {config.preprocessing!r}")
 
 
 def augmentation_layers(config):
-    """Active only in training; their seed state is saved with the weights, so resumes agree."""
+    """Active only in training; their seed state is saved with the weights, so resumes agree.
+    Like preprocessing, they work on float32 pixels whatever the network's precision."""
     if config.augmentation == "none":
         return []
     if config.augmentation == "seed":
-        return [layers.RandomRotation(10 / 360, fill_mode="nearest", seed=config.seed),
-                layers.RandomTranslation(0.1, 0.1, fill_mode="nearest", seed=config.seed + 1),
-                layers.RandomFlip("horizontal", seed=config.seed + 2)]
+        return [layers.RandomRotation(10 / 360, fill_mode="nearest", seed=config.seed, dtype="float32"),
+                layers.RandomTranslation(0.1, 0.1, fill_mode="nearest", seed=config.seed + 1, dtype="float32"),
+                layers.RandomFlip("horizontal", seed=config.seed + 2, dtype="float32")]
     if config.augmentation in ("crop_flip", "crop_alternating_flip"):
         shift = config.crop_pixels / 32
         crop = layers.RandomTranslation(shift, shift, fill_mode="reflect", interpolation="nearest",
-                                        seed=config.seed)
+                                        seed=config.seed, dtype="float32")
         if config.augmentation == "crop_alternating_flip":
             return [crop]  # the flips depend on the epoch: training_batches makes them
-        return [crop, layers.RandomFlip("horizontal", seed=config.seed + 1)]
+        return [crop, layers.RandomFlip("horizontal", seed=config.seed + 1, dtype="float32")]
     raise ValueError(f"unknown augmentation {config.augmentation!r}")
 
 
@@ -59,7 +63,7 @@ def vgg_network(x, config):
         x = activate(layers.Dense(units, kernel_initializer="he_uniform", kernel_regularizer=regularizer)(x))
         if config.dense_dropout:
             x = layers.Dropout(config.dense_dropout)(x)
-    return layers.Dense(10, name="logits")(x)
+    return layers.Dense(10, name="logits", dtype="float32")(x)
 
 
 def whitening_kernel(x, eps=5e-4):
@@ -111,12 +115,32 @@ def airbench_network(x, config, whitening_sample):
         x = layers.Activation("relu")(layers.BatchNormalization(**bn)(x))
     x = layers.GlobalMaxPooling2D()(x)
     x = layers.Dense(10, use_bias=False)(x)
-    return layers.Rescaling(config.logit_scale, name="logits")(x)
+    return layers.Rescaling(config.logit_scale, name="logits", dtype="float32")(x)
 
 
 def build_model(config, train_images):
     """A functional model: raw pixels -> [augmentation] -> preprocessing -> network -> logits.
-    The normalization statistics come from `train_images` only."""
+    The normalization statistics come from `train_images` only. Layers compute in
+    config.precision; the logits are float32 either way."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(config.precision)
+    try:
+        return _build_model(config, train_images)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def float32_twin(model, config, train_images):
+    """The same network and weights computing in float32: what evaluation and export use, so a
+    model trained in bfloat16 serves the same numbers on any CPU."""
+    if config.precision == "float32":
+        return model
+    twin = build_model(replace(config, precision="float32"), train_images)
+    twin.set_weights(model.get_weights())
+    return twin
+
+
+def _build_model(config, train_images):
     mean, std = channel_stats(train_images)
     preprocess = preprocessing_layer(config, mean, std)
     inputs = keras.Input((32, 32, 3), name="pixels")

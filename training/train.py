@@ -24,11 +24,11 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from training.configs import CONFIGS, get_config
+from training.configs import CONFIGS, PRECISIONS, TrainConfig, get_config
 from training.data import CifarDataError, dataset_label, ensure_cifar10, load_cifar10
 from training.evaluate import write_evaluation
 from training.export import TTA, export_savedmodel
-from training.models import build_model
+from training.models import build_model, float32_twin
 from training.plots import plot_history
 
 STATE = "state.json"
@@ -154,7 +154,7 @@ class Lookahead(keras.callbacks.Callback):
             return
         if step % self.PERIOD == 0:
             if self.slow is None:
-                self.slow = [np.array(v) for v in self.averaged_variables()]
+                self.slow = [v.numpy().copy() for v in self.averaged_variables()]
             else:
                 decay = 0.95 ** self.PERIOD * (step / self.total_steps) ** 3
                 self.move_to_average(decay)
@@ -163,7 +163,7 @@ class Lookahead(keras.callbacks.Callback):
 
     def move_to_average(self, decay):
         for slow, variable in zip(self.slow, self.averaged_variables()):
-            slow += (1 - decay) * (np.asarray(variable) - slow)
+            slow += (1 - decay) * (variable.numpy() - slow)
             variable.assign(slow)
 
 
@@ -262,6 +262,7 @@ def restore(model, run_dir):
 
 # What may change between runs in one directory: the epoch budget, and what only shapes evaluation
 # and export, not the trained weights.
+DEFAULTS = TrainConfig("", "")
 RESUMABLE_CHANGES = {"epochs", "tta", "description", "reported_accuracy", "reported_epochs"}
 
 
@@ -269,7 +270,8 @@ def check_same_config(run_dir, config):
     """A run directory belongs to one configuration, apart from RESUMABLE_CHANGES."""
     path = Path(run_dir) / "config.json"
     if path.exists():
-        saved = json.loads(path.read_text())
+        # Fields added since the run began count as their defaults.
+        saved = {**json.loads(json.dumps(asdict(DEFAULTS))), **json.loads(path.read_text())}
         current = json.loads(json.dumps(asdict(config)))
         differing = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
         if differing:
@@ -323,6 +325,7 @@ def train(config, data, run_dir, export_base=None, train_limit=None, test_limit=
             verbose=verbose if verbose is not None else (1 if sys.stdout.isatty() else 2),
         )
     plot_history(history, run_dir / "history.png", title=f"{config.name}: {config.description}")
+    model = float32_twin(model, config, train_split.images)
     evaluation = write_evaluation(model, config, test_split, run_dir / "evaluation", dataset_label(data))
     if export_base:
         export_once(model, config, run_dir, export_base)
@@ -348,6 +351,9 @@ def parse_args(argv=None):
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--tta", choices=TTA, help="test-time augmentation in evaluation and export "
                         "(default: the configuration's; a finished run can be re-evaluated with another)")
+    parser.add_argument("--precision", choices=PRECISIONS, help="mixed_bfloat16 trains about twice as fast "
+                        "on CPUs with AMX and on GPUs; evaluation and export stay float32 "
+                        "(default: the configuration's)")
     parser.add_argument("--data", default="data", help="data dir, cifar-10-batches-py/ or the tarball")
     parser.add_argument("--run-dir", help="default: runs/<config>")
     parser.add_argument("--export-base", help="also export a new SavedModel version under this path")
@@ -362,7 +368,7 @@ def main(argv=None):
     if args.deterministic:
         tf.config.experimental.enable_op_determinism()
     config = get_config(args.config, epochs=args.epochs, batch_size=args.batch_size,
-                        learning_rate=args.learning_rate, tta=args.tta)
+                        learning_rate=args.learning_rate, tta=args.tta, precision=args.precision)
     try:
         evaluation, _ = train(config, args.data, args.run_dir or f"runs/{config.name}", args.export_base,
                               args.train_limit, args.test_limit)

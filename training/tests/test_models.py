@@ -64,3 +64,27 @@ def test_unknown_test_time_augmentation_is_refused():
     from training.export import serving_function
     with pytest.raises(ValueError, match="choose from none, flip, flip_translate"):
         serving_function(None, "rotate")
+
+
+def test_mixed_bfloat16_convs_compute_in_bf16_and_the_float32_twin_shares_their_weights():
+    import keras
+    from training.models import float32_twin
+    rng = np.random.default_rng(0)
+    train_images = rng.integers(0, 256, (600, 32, 32, 3), dtype=np.uint8)
+    config = get_config("tiny", precision="mixed_bfloat16")
+    model = build_model(config, train_images)
+    assert keras.mixed_precision.global_policy().name == "float32", "the global policy leaks"
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert {layer.compute_dtype for layer in convs[1:]} == {"bfloat16"}
+    assert model.get_layer("normalization").compute_dtype == "float32"
+    pixels = train_images[:64].astype(np.float32)
+    logits = np.asarray(model(pixels, training=False))
+    assert logits.dtype == "float32"
+
+    twin = float32_twin(model, config, train_images)
+    assert {layer.compute_dtype for layer in twin.layers} == {"float32"}
+    for ours, theirs in zip(model.get_weights(), twin.get_weights()):
+        assert np.array_equal(ours, theirs)
+    # bf16 keeps 8 bits of mantissa: the two agree closely, not exactly.
+    twin_logits = np.asarray(twin(pixels, training=False))
+    assert 0 < np.abs(logits - twin_logits).max() < 0.05 * np.abs(twin_logits).max()

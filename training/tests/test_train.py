@@ -91,6 +91,37 @@ def test_a_run_directory_refuses_a_different_configuration(tiny_run, data_dir):
     assert result.returncode == 1 and "different configuration" in result.stderr
 
 
+def test_bfloat16_training_evaluates_and_exports_in_float32(data_dir, tmp_path):
+    import tensorflow as tf
+    from training.data import load_cifar10
+    result = run_training("--config", "tiny", "--precision", "mixed_bfloat16", "--data", data_dir,
+                          "--run-dir", tmp_path / "run", "--export-base", tmp_path / "models", *SLICE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "run/config.json").read_text())["precision"] == "mixed_bfloat16"
+    signature = tf.saved_model.load(str(tmp_path / "models/1")).signatures[SIGNATURE]
+    graph = signature.graph.as_graph_def()
+    nodes = [*graph.node, *(node for function in graph.library.function for node in function.node_def)]
+    assert nodes and not [n.name for n in nodes if any(v.type == tf.bfloat16.as_datatype_enum
+                                                       for v in n.attr.values())]
+    _, test = load_cifar10(data_dir)
+    probabilities = predict_exported(tmp_path / "models/1", test.images[:256])
+    evaluation = json.loads((tmp_path / "run/evaluation/evaluation.json").read_text())
+    assert (probabilities.argmax(axis=1) == test.labels[:256]).mean() == pytest.approx(evaluation["accuracy"])
+
+
+def test_a_run_from_before_a_field_existed_resumes_if_the_field_keeps_its_default(tmp_path):
+    from dataclasses import asdict
+    from training.configs import get_config
+    from training.train import check_same_config
+    older = asdict(get_config("tiny"))
+    del older["precision"]
+    (tmp_path / "config.json").write_text(json.dumps(older))
+    check_same_config(tmp_path, get_config("tiny"))
+    (tmp_path / "config.json").write_text(json.dumps(older))
+    with pytest.raises(SystemExit, match=r"different configuration \(precision differ\)"):
+        check_same_config(tmp_path, get_config("tiny", precision="mixed_bfloat16"))
+
+
 def test_a_slice_smaller_than_one_batch_is_an_error_not_an_endless_epoch(data_dir, tmp_path):
     result = run_training("--config", "fast", "--data", data_dir, "--run-dir", tmp_path, "--train-limit", 100)
     assert result.returncode == 1
