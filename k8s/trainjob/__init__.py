@@ -28,7 +28,7 @@ STUCK_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName",
 def job_name(config: str, now: datetime | None = None, suffix: str | None = None) -> str:
     """`train-<config>-<UTC time>-<random>`: unique, sortable, a valid DNS label (<= 63)."""
     now = now or datetime.now(timezone.utc)
-    suffix = suffix or secrets.token_hex(2)
+    suffix = suffix or secrets.token_hex(4)  # two jobs in one second must not collide
     slug = re.sub(r"[^a-z0-9]+", "-", config.lower()).strip("-")[:24].strip("-") or "model"
     return f"train-{slug}-{now:%Y%m%d-%H%M%S}-{suffix}"
 
