@@ -44,8 +44,9 @@ study: setup data ## Compare configurations in runs/study/STUDY.md: make study E
 	$(PY) -m training.study $(if $(CONFIGS),--configs $(CONFIGS)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
 		--data $(DATA_DIR) --out runs/study
 
-bench-train: setup data ## Time the fast recipe from scratch: wall time and test accuracy per epoch
-	$(PY) -m training.bench --config $(CONFIG) $(if $(PRECISION),--precision $(PRECISION)) --data $(DATA_DIR)
+bench-train: setup data ## Time the fast recipe from scratch: wall time and test accuracy per epoch [CONFIG= EPOCHS= PRECISION=]
+	$(PY) -m training.bench --config $(CONFIG) $(if $(EPOCHS),--epochs $(EPOCHS)) \
+		$(if $(PRECISION),--precision $(PRECISION)) --data $(DATA_DIR)
 
 evaluate: setup data ## Evaluation report of an exported model: make evaluate MODEL=models/cifar10/1
 	$(PY) -m training.evaluate --export $(or $(MODEL),$(MODEL_BASE_PATH)/1) --data $(DATA_DIR)
