@@ -86,5 +86,6 @@ compose-up: ## Build the images and start the stack in Docker, gateway on :5000 
 compose-down: ## Stop the Docker stack (volumes, hence trained models, are kept)
 	$(COMPOSE) down
 
-train-k8s: setup ## Train a new model version in the cluster: make train-k8s CONFIG=default EPOCHS=5 (kubectl context)
-	$(PY) -m k8s.trainjob --config $(CONFIG) $(if $(EPOCHS),--epochs $(EPOCHS)) --namespace $(K8S_NAMESPACE)
+train-k8s: setup ## Train a new model version in the cluster: make train-k8s CONFIG=default EPOCHS=5 [PRECISION=mixed_bfloat16] (kubectl context)
+	$(PY) -m k8s.trainjob --config $(CONFIG) $(if $(EPOCHS),--epochs $(EPOCHS)) \
+		$(if $(PRECISION),--precision $(PRECISION)) --namespace $(K8S_NAMESPACE)

@@ -83,7 +83,13 @@ def test_job_changes_only_config_and_epochs():
 
 def test_job_without_epochs_keeps_the_configs():
     args = trainer_container(trainjob.job_from_cronjob(cronjob(), "n", "default"))["args"]
-    assert "--epochs" not in args
+    assert "--epochs" not in args and "--precision" not in args
+
+
+def test_job_precision_reaches_the_trainer():
+    args = trainer_container(trainjob.job_from_cronjob(cronjob(), "n", "default",
+                                                       precision="mixed_bfloat16"))["args"]
+    assert args[args.index("--precision") + 1] == "mixed_bfloat16"
 
 
 def test_template_without_trainer_is_refused():

@@ -33,10 +33,11 @@ def job_name(config: str, now: datetime | None = None, suffix: str | None = None
     return f"train-{slug}-{now:%Y%m%d-%H%M%S}-{suffix}"
 
 
-def job_from_cronjob(cronjob: dict, name: str, config: str, epochs: int | None = None) -> dict:
+def job_from_cronjob(cronjob: dict, name: str, config: str, epochs: int | None = None,
+                     precision: str | None = None) -> dict:
     """The Job manifest for one training run, from the CronJob's jobTemplate.
 
-    Only the trainer's `--config` (and `--epochs`) change; image, resources, GPU scheduling and
+    Only the trainer's `--config` (and `--epochs`, `--precision`) change; image, resources, GPU scheduling and
     volumes stay as the deployed overlay defines them.
     """
     template = copy.deepcopy(cronjob["spec"]["jobTemplate"])
@@ -48,6 +49,8 @@ def job_from_cronjob(cronjob: dict, name: str, config: str, epochs: int | None =
     trainer["args"] = _with_option(trainer.get("args", []), "--config", config)
     if epochs is not None:
         trainer["args"] = _with_option(trainer["args"], "--epochs", str(epochs))
+    if precision is not None:
+        trainer["args"] = _with_option(trainer["args"], "--precision", precision)
 
     labels = {**template.get("metadata", {}).get("labels", {}), CONFIG_LABEL: _label_value(config)}
     pod_meta = spec["template"].setdefault("metadata", {})

@@ -1,4 +1,5 @@
-"""make train-k8s: python -m k8s.trainjob --config default [--epochs 5] [--namespace cifar10]
+"""make train-k8s: python -m k8s.trainjob --config default [--epochs 5] [--precision mixed_bfloat16]
+    [--namespace cifar10]
 
 Creates a training Job from the deployed `trainer` CronJob, follows its logs and exits 0 when
 it completes, 1 when it fails or times out. --dry-run with --template-file prints the Job
@@ -11,7 +12,7 @@ import sys
 import yaml
 
 from k8s.trainjob import TEMPLATE, Cluster, follow, job_from_cronjob, job_name
-from training.configs import CONFIGS
+from training.configs import CONFIGS, PRECISIONS
 
 
 def parse_args(argv=None):
@@ -21,6 +22,8 @@ def parse_args(argv=None):
     # here rather than in a pod after the image pull.
     p.add_argument("--config", default="default", choices=sorted(CONFIGS))
     p.add_argument("--epochs", type=int, help="override the config's epoch count")
+    p.add_argument("--precision", choices=PRECISIONS, help="override the config's precision "
+                   "(mixed_bfloat16: about twice as fast on recent GPUs)")
     p.add_argument("--namespace", default="cifar10")
     p.add_argument("--context", help="kubeconfig context (default: the current one)")
     p.add_argument("--template", default=TEMPLATE, help="name of the CronJob used as template")
@@ -47,7 +50,7 @@ def main(argv=None, cluster_factory=Cluster, out=sys.stdout) -> int:
     cronjob = (cronjob_from_file(args.template_file, args.template) if args.template_file
                else cluster.cronjob(args.namespace, args.template))
     name = job_name(args.config)
-    job = job_from_cronjob(cronjob, name, args.config, args.epochs)
+    job = job_from_cronjob(cronjob, name, args.config, args.epochs, args.precision)
     if args.dry_run:
         json.dump(job, out, indent=2)
         out.write("\n")
