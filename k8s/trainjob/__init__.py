@@ -37,8 +37,8 @@ def job_from_cronjob(cronjob: dict, name: str, config: str, epochs: int | None =
                      precision: str | None = None) -> dict:
     """The Job manifest for one training run, from the CronJob's jobTemplate.
 
-    Only the trainer's `--config` (and `--epochs`, `--precision`) change; image, resources, GPU scheduling and
-    volumes stay as the deployed overlay defines them.
+    Only the trainer's `--config` (and `--epochs`, `--precision`) change; image, resources, GPU
+    scheduling and volumes stay as the deployed overlay defines them.
     """
     template = copy.deepcopy(cronjob["spec"]["jobTemplate"])
     spec = template["spec"]
