@@ -262,7 +262,6 @@ def restore(model, run_dir):
 
 # What may change between runs in one directory: the epoch budget, and what only shapes evaluation
 # and export, not the trained weights.
-DEFAULTS = TrainConfig("", "")
 RESUMABLE_CHANGES = {"epochs", "tta", "description", "reported_accuracy", "reported_epochs"}
 
 
@@ -271,7 +270,8 @@ def check_same_config(run_dir, config):
     path = Path(run_dir) / "config.json"
     if path.exists():
         # Fields added since the run began count as their defaults.
-        saved = {**json.loads(json.dumps(asdict(DEFAULTS))), **json.loads(path.read_text())}
+        defaults = asdict(TrainConfig(name="", description=""))
+        saved = {**json.loads(json.dumps(defaults)), **json.loads(path.read_text())}
         current = json.loads(json.dumps(asdict(config)))
         differing = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
         if differing:
