@@ -25,6 +25,8 @@ class TrainConfig:
     augmentation: str = "none"           # "none", "seed" (rotate 10, shift 0.1, flip), "crop_flip",
                                          # "crop_alternating_flip" (each image mirrored every other epoch)
     crop_pixels: int = 2                 # max translation for crop_flip
+    cutout: int = 0                      # side of a square set to the mean pixel in every training
+                                         # image (DeVries & Taylor 2017); 0: none
     preprocessing: str = "centering"     # "centering" (x/255) or "normalization" (train mean/std)
     optimizer: str = "sgd"               # "sgd" (momentum), "nesterov" or "adam"
     learning_rate: float = 0.001

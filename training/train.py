@@ -25,7 +25,7 @@ import tensorflow as tf
 import keras
 
 from training.configs import CONFIGS, PRECISIONS, TrainConfig, get_config
-from training.data import CifarDataError, dataset_label, ensure_cifar10, load_cifar10
+from training.data import CifarDataError, channel_stats, dataset_label, ensure_cifar10, load_cifar10
 from training.evaluate import write_evaluation
 from training.export import TTA, export_savedmodel
 from training.models import build_model, float32_twin
@@ -51,6 +51,7 @@ def training_batches(split, config, first_epoch, steps_per_epoch):
     # other half in odd ones, so every image is seen both ways every two epochs.
     mirrored_in_even_epochs = tf.random.stateless_uniform([n], seed=[config.seed, -1]) < 0.5
     alternating_flip = config.augmentation == "crop_alternating_flip"
+    mean_pixel = tf.constant(channel_stats(split.images)[0], tf.float32)
 
     def epoch_order(epoch):
         order = tf.random.experimental.stateless_shuffle(tf.range(n), seed=tf.stack([config.seed, epoch]))
@@ -62,6 +63,10 @@ def training_batches(split, config, first_epoch, steps_per_epoch):
         if alternating_flip:
             mirror = tf.not_equal(tf.gather(mirrored_in_even_epochs, idx), epoch % 2 == 1)
             x = tf.where(mirror[:, None, None, None], tf.reverse(x, axis=[2]), x)
+        if config.cutout:
+            # Batches of an epoch hold distinct images: (epoch, first image) names a batch.
+            seed = tf.stack([config.seed, -2 - tf.cast(epoch[0], tf.int32) * n - idx[0]])
+            x = cutout(x, config.cutout, mean_pixel, seed)
         return x, tf.gather(labels, idx)
 
     return (tf.data.Dataset.range(first_epoch, 1 << 30)
@@ -69,6 +74,17 @@ def training_batches(split, config, first_epoch, steps_per_epoch):
             .batch(config.batch_size, drop_remainder=True)
             .map(batch)
             .prefetch(2))
+
+
+def cutout(images, size, fill, seed):
+    """One size x size square per image, inside the image, set to `fill`: the network must
+    recognize objects from their parts (and the square is zero once normalized)."""
+    corners = tf.random.stateless_uniform([tf.shape(images)[0], 2], seed, maxval=33 - size, dtype=tf.int32)
+    positions = tf.range(32)[None, :]
+    rows = (positions >= corners[:, :1]) & (positions < corners[:, :1] + size)
+    columns = (positions >= corners[:, 1:]) & (positions < corners[:, 1:] + size)
+    square = rows[:, :, None, None] & columns[:, None, :, None]
+    return tf.where(square, fill, images)
 
 
 def test_batches(split, batch_size=500):

@@ -189,6 +189,32 @@ def test_alternating_flip_mirrors_each_image_in_every_other_epoch(data_dir):
     assert all(epochs[0][i] != epochs[1][i] and epochs[0][i] == epochs[2][i] for i in range(128))
 
 
+def test_cutout_hides_one_square_per_image_under_the_mean_pixel_and_a_resume_hides_the_same(data_dir):
+    from dataclasses import replace
+    from training.configs import get_config
+    from training.data import channel_stats, load_cifar10
+    from training.train import training_batches
+    train, _ = load_cifar10(data_dir)
+    split = train.take(128)
+    config = replace(get_config("tiny"), augmentation="crop_flip", cutout=8, batch_size=64)
+    mean_pixel = channel_stats(split.images)[0].astype(np.float32)
+    epochs = [np.concatenate([x.numpy() for x, _ in training_batches(split, config, epoch, 2).take(2)])
+              for epoch in (0, 1)]
+    corners = [{}, {}]
+    for epoch, images in enumerate(epochs):
+        for image in images:
+            hidden = (image == mean_pixel).all(-1)
+            rows, columns = np.flatnonzero(hidden.any(1)), np.flatnonzero(hidden.any(0))
+            assert hidden.sum() == 64 and np.ptp(rows) == 7 and np.ptp(columns) == 7
+            original = np.flatnonzero((split.images[:, ~hidden] == image[~hidden]).all((1, 2)))
+            assert len(original) == 1
+            corners[epoch][original[0]] = (rows[0], columns[0])
+    assert len(corners[0]) == len(corners[1]) == 128
+    assert sum(corners[0][i] != corners[1][i] for i in range(128)) > 100
+    resumed = next(iter(training_batches(split, config, first_epoch=1, steps_per_epoch=2)))[0].numpy()
+    assert np.array_equal(resumed, epochs[1][:64])
+
+
 def test_lookahead_averages_every_5_steps_from_the_4th_epoch_and_ends_each_epoch_on_the_average():
     import keras
     from training.train import Lookahead
