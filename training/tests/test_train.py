@@ -76,6 +76,25 @@ def test_the_export_stores_each_weight_once(tiny_run, data_dir):
     assert model.count_params() <= stored < 1.2 * model.count_params()
 
 
+def test_the_export_stores_kernels_in_float16_and_serves_what_the_float32_model_computes(data_dir, tmp_path):
+    import tensorflow as tf
+    from training.configs import get_config
+    from training.data import load_cifar10
+    from training.export import averaged_logits, export_savedmodel
+    from training.models import build_model
+    train, test = load_cifar10(data_dir)
+    model = build_model(get_config("tiny"), train.images[:1024])
+    export = export_savedmodel(model, tmp_path, tta="flip")
+    reader = tf.train.load_checkpoint(str(export / "variables" / "variables"))
+    shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
+    half = sum(int(np.prod(shapes[name])) for name, dtype in dtypes.items() if dtype == tf.float16)
+    assert half == sum(int(np.prod(v.shape)) for v in model.variables if v.path.endswith("/kernel"))
+    images = test.images[:200]
+    computed = tf.nn.softmax(averaged_logits(model, tf.constant(images, tf.float32), "flip")).numpy()
+    served = predict_exported(export, images)
+    assert np.abs(served - computed).max() < 1e-3 and not np.array_equal(served, computed)
+
+
 def test_rerunning_a_finished_run_trains_nothing_and_exports_nothing_new(tiny_run, data_dir):
     root, _ = tiny_run
     result = run_training("--config", "tiny", "--epochs", 1, "--data", data_dir, "--run-dir", root / "run",
