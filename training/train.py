@@ -51,7 +51,7 @@ def training_batches(split, config, first_epoch, steps_per_epoch):
     # other half in odd ones, so every image is seen both ways every two epochs.
     mirrored_in_even_epochs = tf.random.stateless_uniform([n], seed=[config.seed, -1]) < 0.5
     alternating_flip = config.augmentation == "crop_alternating_flip"
-    mean_pixel = tf.constant(channel_stats(split.images)[0], tf.float32)
+    mean_pixel = tf.constant(channel_stats(split.images)[0], tf.float32) if config.cutout else None
 
     def epoch_order(epoch):
         order = tf.random.experimental.stateless_shuffle(tf.range(n), seed=tf.stack([config.seed, epoch]))
