@@ -349,13 +349,18 @@ def train(config, data, run_dir, export_base=None, train_limit=None, test_limit=
 
 
 def export_once(model, config, run_dir, export_base):
-    """One exported version per run: re-running a finished command does not add versions."""
+    """One exported version per run and test-time augmentation: re-running a finished command
+    adds no version; re-running it with another --tta exports that choice as a new version."""
     record = run_dir / "export.json"
-    if record.exists():
-        print(f"already exported: {json.loads(record.read_text())['path']}")
+    exports = json.loads(record.read_text()) if record.exists() else {}
+    if "path" in exports:  # written before exports were kept per TTA choice
+        exports = {config.tta: exports}
+    if config.tta in exports:
+        print(f"already exported: {exports[config.tta]['path']}")
         return
     path = export_savedmodel(model, export_base, tta=config.tta)
-    write_atomically(record, json.dumps({"path": str(path), "version": int(path.name)}))
+    exports[config.tta] = {"path": str(path), "version": int(path.name)}
+    write_atomically(record, json.dumps(exports))
     print(f"exported {path}")
 
 

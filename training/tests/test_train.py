@@ -104,6 +104,25 @@ def test_rerunning_a_finished_run_trains_nothing_and_exports_nothing_new(tiny_ru
     assert existing_versions(root / "models") == [1]
 
 
+def test_a_finished_run_exports_another_tta_choice_once_as_a_new_version(tiny_run, data_dir, tmp_path):
+    import shutil
+    from training.data import load_cifar10
+    root, _ = tiny_run
+    for name in ("run", "models"):
+        shutil.copytree(root / name, tmp_path / name)
+    for _ in range(2):
+        result = run_training("--config", "tiny", "--data", data_dir, "--run-dir", tmp_path / "run",
+                              "--export-base", tmp_path / "models", "--tta", "none", *SLICE)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "Epoch 1/1" not in result.stdout
+    assert existing_versions(tmp_path / "models") == [1, 2]
+    exports = json.loads((tmp_path / "run" / "export.json").read_text())
+    assert {tta: e["version"] for tta, e in exports.items()} == {"flip": 1, "none": 2}
+    _, test = load_cifar10(data_dir)
+    served = {v: predict_exported(tmp_path / "models" / str(v), test.images[:64]) for v in (1, 2)}
+    assert not np.allclose(served[1], served[2], atol=1e-4)
+
+
 def test_a_run_directory_refuses_a_different_configuration(tiny_run, data_dir):
     root, _ = tiny_run
     result = run_training("--config", "fast", "--epochs", 1, "--data", data_dir, "--run-dir", root / "run", *SLICE)
