@@ -353,7 +353,7 @@ def export_once(model, config, run_dir, export_base):
     adds no version; re-running it with another --tta exports that choice as a new version."""
     record = run_dir / "export.json"
     exports = json.loads(record.read_text()) if record.exists() else {}
-    if "path" in exports:  # written before exports were kept per TTA choice
+    if "path" in exports:  # an older record, without its TTA: taken to be the current choice
         exports = {config.tta: exports}
     if config.tta in exports:
         print(f"already exported: {exports[config.tta]['path']}")
