@@ -100,7 +100,7 @@ class PartialDirac(keras.initializers.Initializer):
 def airbench_network(x, config, whitening_sample):
     """A frozen whitening stem, then conv-pool-BN-ReLU-conv-BN-ReLU blocks (Keller Jordan's
     airbench, with ReLU instead of GELU: on 2 CPU cores GELU doubles the step time)."""
-    bn = dict(momentum=0.6, epsilon=1e-5, scale=False)  # airbench's 0.6: PyTorch's momentum=0.4
+    bn = dict(momentum=config.batchnorm_momentum, epsilon=1e-5, scale=False)
     whiten = layers.Conv2D(24, 2, padding="valid", name="whiten")
     x = whiten(x)
     whiten.kernel.assign(whitening_kernel(whitening_sample))

@@ -26,6 +26,15 @@ def test_models_take_raw_pixels_and_return_ten_logits(name):
     assert logits.shape == (4, 10) and np.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("momentum", [0.6, 0.9])
+def test_batchnorm_momentum_comes_from_the_config(momentum):
+    import keras
+    images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    model = build_model(get_config("tiny", batchnorm_momentum=momentum), images)
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(norms) == 6 and {layer.momentum for layer in norms} == {momentum}
+
+
 def test_unknown_configs_list_the_choices():
     with pytest.raises(KeyError, match="choose from: base1"):
         get_config("vgg16")
