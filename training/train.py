@@ -263,14 +263,23 @@ def write_metrics_csv(path, history):
     write_atomically(path, rows.getvalue())
 
 
-def restore(model, run_dir):
-    """The state of the last completed epoch, loaded into `model`; None for a fresh run."""
+def load_checkpoint(model, run_dir):
+    """The weights and optimizer of the last completed epoch, loaded into `model`; returns the
+    run's state, None for a fresh run."""
     state_path = Path(run_dir) / STATE
     if not state_path.exists():
         return None
     state = json.loads(state_path.read_text())
     model.optimizer.build(model.trainable_variables)
     model.load_weights(Path(run_dir) / "checkpoints" / state["weights"])
+    return state
+
+
+def restore(model, run_dir):
+    """load_checkpoint, and the augmentation RNGs where the run left them: what resuming needs."""
+    state = load_checkpoint(model, run_dir)
+    if state is None:
+        return None
     for path, variable in seed_states(model).items():
         variable.assign(state["seed_states"][path])
     return state

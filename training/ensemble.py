@@ -1,0 +1,82 @@
+"""Average finished runs into one model: the mean of their logits, evaluated and exported with
+the same test-time augmentation and export contract as a single run.
+
+    python -m training.ensemble runs/default runs/default-40ep --data data --out runs/ensemble
+        [--tta flip] [--export-base models/cifar10]
+
+Each member is rebuilt in float32 from its run directory (config.json, last checkpoint). Networks
+trained differently make partly different mistakes, so their average is right more often than
+either, for the sum of their serving costs. <out> gets evaluation/ (the report) and members.json
+(each member's run directory and configuration).
+Every run with --export-base writes a new version.
+"""
+
+import argparse
+import json
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+
+import keras
+
+from training.configs import TrainConfig
+from training.data import CifarDataError, dataset_label, ensure_cifar10, load_cifar10
+from training.evaluate import report
+from training.export import TTA, export_savedmodel, predict_keras
+from training.models import build_model, float32_twin
+from training.train import compile_model, load_checkpoint
+
+
+def load_member(run_dir, train_images, index):
+    """The finished run in run_dir as a float32 Keras model named member<index>."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise ValueError(f"{run_dir} is not a run directory (no config.json)")
+    saved = json.loads((run_dir / "config.json").read_text())
+    known = {f.name for f in fields(TrainConfig)}
+    config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known})
+    config = replace(config, name=f"member{index}")  # nested models need distinct names
+    model = build_model(config, train_images)
+    compile_model(model, config, steps_per_epoch=1)  # the checkpoint holds the optimizer's variables too
+    state = load_checkpoint(model, run_dir)
+    if not state or state["epoch"] < config.epochs:
+        done = state["epoch"] if state else 0
+        raise ValueError(f"{run_dir} is not finished ({done} of {config.epochs} epochs)")
+    return float32_twin(model, config, train_images)
+
+
+def ensemble(members):
+    pixels = keras.Input((32, 32, 3), name="pixels")
+    return keras.Model(pixels, keras.layers.Average(name="logits")([m(pixels) for m in members]), name="ensemble")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="finished run directories")
+    parser.add_argument("--data", default="data")
+    parser.add_argument("--out", default="runs/ensemble")
+    parser.add_argument("--tta", choices=TTA, default="flip")
+    parser.add_argument("--export-base", help="also export the ensemble as a new SavedModel version here")
+    args = parser.parse_args(argv)
+    if len(args.runs) < 2:
+        parser.error("an ensemble needs at least two runs")
+    try:
+        train, test = load_cifar10(ensure_cifar10(args.data))
+        model = ensemble([load_member(run, train.images, i) for i, run in enumerate(args.runs)])
+    except (CifarDataError, ValueError) as exc:
+        sys.exit(f"error: {exc}")
+    out = Path(args.out)
+    result = report(predict_keras(model, test.images, args.tta), test, out / "evaluation", dataset_label(args.data))
+    record = {"tta": args.tta, "accuracy": result["accuracy"],
+              "members": [{"run": run, "config": json.loads((Path(run) / "config.json").read_text())}
+                          for run in args.runs]}
+    if args.export_base:
+        path = export_savedmodel(model, args.export_base, tta=args.tta)
+        record["export"] = {"path": str(path), "version": int(path.name)}
+        print(f"exported {path}")
+    (out / "members.json").write_text(json.dumps(record, indent=2))
+    print(f"test accuracy {result['accuracy']:.4f} ({result['dataset']})")
+
+
+if __name__ == "__main__":
+    main()
