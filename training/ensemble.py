@@ -28,7 +28,8 @@ from training.train import compile_model, load_checkpoint
 
 
 def load_member(run_dir, train_images, index):
-    """The finished run in run_dir as a float32 Keras model named member<index>."""
+    """The finished run in run_dir as a float32 Keras model named member<index>, and the run's
+    configuration as saved."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise ValueError(f"{run_dir} is not a run directory (no config.json)")
@@ -42,7 +43,7 @@ def load_member(run_dir, train_images, index):
     if not state or state["epoch"] < config.epochs:
         done = state["epoch"] if state else 0
         raise ValueError(f"{run_dir} is not finished ({done} of {config.epochs} epochs)")
-    return float32_twin(model, config, train_images)
+    return float32_twin(model, config, train_images), saved
 
 
 def ensemble(members):
@@ -62,14 +63,14 @@ def main(argv=None):
         parser.error("an ensemble needs at least two runs")
     try:
         train, test = load_cifar10(ensure_cifar10(args.data))
-        model = ensemble([load_member(run, train.images, i) for i, run in enumerate(args.runs)])
+        members = [load_member(run, train.images, i) for i, run in enumerate(args.runs)]
     except (CifarDataError, ValueError) as exc:
         sys.exit(f"error: {exc}")
+    model = ensemble([member for member, _ in members])
     out = Path(args.out)
     result = report(predict_keras(model, test.images, args.tta), test, out / "evaluation", dataset_label(args.data))
     record = {"tta": args.tta, "accuracy": result["accuracy"],
-              "members": [{"run": run, "config": json.loads((Path(run) / "config.json").read_text())}
-                          for run in args.runs]}
+              "members": [{"run": run, "config": saved} for run, (_, saved) in zip(args.runs, members)]}
     if args.export_base:
         path = export_savedmodel(model, args.export_base, tta=args.tta)
         record["export"] = {"path": str(path), "version": int(path.name)}

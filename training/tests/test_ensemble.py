@@ -47,7 +47,7 @@ def test_the_exported_ensemble_serves_the_softmax_of_its_members_mean_logits(two
     train, test = load_cifar10(data_dir)
     images = test.images[:64]
     pixels = tf.constant(images, tf.float32)
-    members = [averaged_logits(load_member(root / name, train.images, i), pixels, "flip").numpy()
+    members = [averaged_logits(load_member(root / name, train.images, i)[0], pixels, "flip").numpy()
                for i, name in enumerate("ab")]
     served = predict_exported(root / "models/1", images)
     assert np.allclose(served, tf.nn.softmax((members[0] + members[1]) / 2).numpy(), atol=1e-3)
