@@ -40,6 +40,7 @@ class TrainConfig:
     weight_decay: float = 0.0            # decoupled, for the fast recipe's SGD
     lookahead: bool = False              # every 5 steps, restart from a slow average of the weights
     label_smoothing: float = 0.0
+    residual: bool = False               # airbench96: a third conv per block, with a skip connection
     batchnorm_momentum: float = 0.6      # airbench's fast-moving statistics (PyTorch's momentum=0.4)
     logit_scale: float = 1.0             # airbench divides the logits by 9: a fixed softmax temperature
     batch_size: int = 64

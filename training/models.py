@@ -99,7 +99,8 @@ class PartialDirac(keras.initializers.Initializer):
 
 def airbench_network(x, config, whitening_sample):
     """A frozen whitening stem, then conv-pool-BN-ReLU-conv-BN-ReLU blocks (Keller Jordan's
-    airbench, with ReLU instead of GELU: on 2 CPU cores GELU doubles the step time)."""
+    airbench, with ReLU instead of GELU: on 2 CPU cores GELU doubles the step time). With
+    `residual`, airbench96's blocks: two convs after the pool, added back onto their input."""
     bn = dict(momentum=config.batchnorm_momentum, epsilon=1e-5, scale=False)
     whiten = layers.Conv2D(24, 2, padding="valid", name="whiten")
     x = whiten(x)
@@ -111,8 +112,12 @@ def airbench_network(x, config, whitening_sample):
         x = layers.Conv2D(width, **conv)(x)
         x = layers.MaxPooling2D(2)(x)
         x = layers.Activation("relu")(layers.BatchNormalization(**bn)(x))
-        x = layers.Conv2D(width, **conv)(x)
-        x = layers.Activation("relu")(layers.BatchNormalization(**bn)(x))
+        block_input = x
+        for _ in range(2 if config.residual else 1):
+            x = layers.Conv2D(width, **conv)(x)
+            x = layers.Activation("relu")(layers.BatchNormalization(**bn)(x))
+        if config.residual:
+            x = layers.Add()([x, block_input])
     x = layers.GlobalMaxPooling2D()(x)
     x = layers.Dense(10, use_bias=False)(x)
     return layers.Rescaling(config.logit_scale, name="logits", dtype="float32")(x)

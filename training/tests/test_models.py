@@ -35,6 +35,23 @@ def test_batchnorm_momentum_comes_from_the_config(momentum):
     assert len(norms) == 6 and {layer.momentum for layer in norms} == {momentum}
 
 
+def test_residual_blocks_add_two_more_convs_onto_each_blocks_pooled_activation():
+    import keras
+    images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    plain = build_model(get_config("tiny"), images)
+    model = build_model(get_config("tiny", residual=True), images)
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D) and layer.name != "whiten"]
+    adds = [layer for layer in model.layers if isinstance(layer, keras.layers.Add)]
+    assert len(convs) == 9 and len(adds) == 3
+    assert not any(isinstance(layer, keras.layers.Add) for layer in plain.layers)
+    # With the two added convs silenced, each block passes its pooled activation straight through.
+    for conv in convs[1::3] + convs[2::3]:
+        conv.kernel.assign(np.zeros(conv.kernel.shape))
+    probe = keras.Model(model.inputs, [[add.input[1], add.output] for add in adds])
+    for skipped, summed in probe.predict(images.astype(np.float32), verbose=0):
+        assert np.abs(skipped).max() > 0 and np.allclose(summed, skipped)
+
+
 def test_unknown_configs_list_the_choices():
     with pytest.raises(KeyError, match="choose from: base1"):
         get_config("vgg16")
