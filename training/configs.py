@@ -118,10 +118,11 @@ CONFIGS["fast_bf16"] = replace(
 # momentum, and the stronger augmentation of long CIFAR-10 recipes (4-pixel crops, 12-pixel cutout).
 CONFIGS["default"] = replace(
     CONFIGS["fast"], name="default",
-    description="the shipped model: airbench95's widths, airbench96's schedule, 4-pixel crops, flips and "
-                "12-pixel cutout, 50 epochs in bfloat16",
-    widths=(128, 384, 384), learning_rate=1.17, warmup_fraction=0.1, onecycle_ends=(0.2, 0.0),
-    batchnorm_momentum=0.9, crop_pixels=4, cutout=12, epochs=50, precision="mixed_bfloat16")
+    description="the shipped model: airbench95's widths, airbench96's residual blocks and schedule, 4-pixel "
+                "crops, flips and 12-pixel cutout, 40 epochs in bfloat16, flip-and-translate TTA",
+    widths=(128, 384, 384), residual=True, learning_rate=1.17, warmup_fraction=0.1, onecycle_ends=(0.2, 0.0),
+    batchnorm_momentum=0.9, crop_pixels=4, cutout=12, epochs=40, tta="flip_translate",
+    precision="mixed_bfloat16")
 # One epoch on a small slice: what the tests train.
 CONFIGS["tiny"] = replace(CONFIGS["fast"], name="tiny", description="smoke test: a very small fast net",
                           widths=(8, 16, 16), batch_size=64, epochs=1)
