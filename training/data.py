@@ -40,6 +40,22 @@ class Split:
     def take(self, n):
         return Split(self.images[:n], self.labels[:n])
 
+    def subset(self, indexes):
+        return Split(self.images[indexes], self.labels[indexes])
+
+
+def validation_indexes(labels, size, seed):
+    """(train, validation) indexes: `size` images held out, the same share of every class, chosen
+    by `seed`; both in their original order."""
+    rng = np.random.default_rng([seed, size])
+    classes = np.unique(labels)
+    per_class = np.full(len(classes), size // len(classes))
+    per_class[:size % len(classes)] += 1
+    held = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, per_class)])
+    mask = np.zeros(len(labels), bool)
+    mask[held] = True
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
+
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """A batch file holds dicts of numpy arrays and lists; anything else is refused, so a

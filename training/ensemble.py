@@ -38,8 +38,8 @@ def load_member(run_dir, train_images, index):
     config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known})
     config = replace(config, name=f"member{index}")  # nested models need distinct names
     model = build_model(config, train_images)
-    compile_model(model, config, steps_per_epoch=1)  # the checkpoint holds the optimizer's variables too
-    state = load_checkpoint(model, run_dir)
+    # The checkpoint holds the optimizer's variables too, and a distilled run's the Distiller's.
+    state = load_checkpoint(compile_model(model, config, steps_per_epoch=1), run_dir)
     if not state or state["epoch"] < config.epochs:
         done = state["epoch"] if state else 0
         raise ValueError(f"{run_dir} is not finished ({done} of {config.epochs} epochs)")

@@ -1,4 +1,5 @@
-"""Evaluation report for a trained model on the test split.
+"""Evaluation report for a trained model on the test split: accuracy, confusion matrix, the most
+confident mistakes, and calibration (ECE over 15 bins, NLL, reliability diagram).
 
     python -m training.evaluate --export models/cifar10/1 --data data [--out DIR]
 """
@@ -9,39 +10,77 @@ from pathlib import Path
 
 import numpy as np
 
+from training.calibration import (ECE_BINS, fit_temperature, log_probabilities, reliability, softmax,
+                                  summary)
 from training.data import CLASS_NAMES, dataset_label, load_cifar10
 from training.export import predict_exported, predict_keras
-from training.plots import plot_confusion_matrix, plot_misclassified
+from training.plots import plot_confusion_matrix, plot_misclassified, plot_reliability
 
 
-def report(probabilities, split, out_dir, dataset):
-    """accuracy, per-class accuracy and the confusion matrix, as JSON, markdown and PNGs."""
+def report(probabilities, split, out_dir, dataset, before_temperature=None, extra=None):
+    """The report of the served `probabilities`, as JSON, markdown and PNGs; with
+    `before_temperature`, the uncalibrated probabilities are compared."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     predictions = probabilities.argmax(axis=1)
     matrix = np.zeros((10, 10), dtype=np.int64)
     np.add.at(matrix, (split.labels, predictions), 1)
     per_class = matrix.diagonal() / matrix.sum(axis=1).clip(min=1)
+    calibration = summary(probabilities, split.labels)
+    curves = {"served": reliability(probabilities, split.labels)}
     result = {
         "dataset": dataset,
         "images": int(len(split.labels)),
         "accuracy": float((predictions == split.labels).mean()),
+        "ece": calibration["ece"],
+        "nll": calibration["nll"],
+        "mean_confidence": calibration["mean_confidence"],
         "per_class_accuracy": {name: float(a) for name, a in zip(CLASS_NAMES, per_class)},
         "confusion_matrix": matrix.tolist(),
     }
+    lines = [f"Test accuracy: **{result['accuracy']:.2%}** on {result['images']} images",
+             f"Calibration: ECE {result['ece']:.2%} ({ECE_BINS} bins), NLL {result['nll']:.4f}, "
+             f"mean top-1 confidence {result['mean_confidence']:.2%}"]
+    if before_temperature is not None:
+        before = summary(before_temperature, split.labels)
+        result["before_temperature"] = before
+        curves["before temperature scaling"] = reliability(before_temperature, split.labels)
+        lines.append(f"Before temperature scaling: ECE {before['ece']:.2%}, NLL {before['nll']:.4f}, "
+                     f"mean top-1 confidence {before['mean_confidence']:.2%}")
+    result.update(extra or {})
     (out / "evaluation.json").write_text(json.dumps(result, indent=2))
     rows = "\n".join(f"| {name} | {a:.2%} |" for name, a in zip(CLASS_NAMES, per_class))
     (out / "report.md").write_text(
-        f"# Evaluation on {dataset}\n\nTest accuracy: **{result['accuracy']:.2%}** on {result['images']} images\n\n"
-        f"| class | accuracy |\n|---|---|\n{rows}\n\n![confusion matrix](confusion_matrix.png)\n\n"
-        f"![most confident mistakes](misclassified.png)\n")
+        f"# Evaluation on {dataset}\n\n" + "\n\n".join(lines) +
+        f"\n\n| class | accuracy |\n|---|---|\n{rows}\n\n![confusion matrix](confusion_matrix.png)\n\n"
+        f"![reliability diagram](reliability.png)\n\n![most confident mistakes](misclassified.png)\n")
     plot_confusion_matrix(matrix, out / "confusion_matrix.png")
+    plot_reliability(curves, out / "reliability.png")
     plot_misclassified(split.images, split.labels, predictions, probabilities.max(axis=1), out / "misclassified.png")
     return result
 
 
-def write_evaluation(model, config, split, out_dir, dataset="CIFAR-10"):
-    return report(predict_keras(model, split.images, config.tta), split, out_dir, dataset)
+def calibrate(model, config, validation):
+    """The softmax temperature that minimizes the NLL on the validation split, and that split's
+    figures before and after it."""
+    probabilities = predict_keras(model, validation.images, config.tta)
+    temperature = fit_temperature(log_probabilities(probabilities), validation.labels)
+    return temperature, {"images": int(len(validation.labels)), "temperature": temperature,
+                         "before": summary(probabilities, validation.labels),
+                         "after": summary(softmax(log_probabilities(probabilities), temperature),
+                                          validation.labels)}
+
+
+def write_evaluation(model, config, split, out_dir, dataset="CIFAR-10", validation=None):
+    """The test report of what the export will serve. With a validation split, a temperature is
+    fitted there first (the test split chooses nothing); returns (report, temperature)."""
+    temperature, extra = 1.0, None
+    if validation is not None:
+        temperature, fitted = calibrate(model, config, validation)
+        extra = {"validation": fitted, "temperature": temperature}
+    served = predict_keras(model, split.images, config.tta, temperature=temperature)
+    before = softmax(log_probabilities(served), 1 / temperature) if validation is not None else None
+    return report(served, split, out_dir, dataset, before, extra), temperature
 
 
 def main(argv=None):
@@ -53,7 +92,8 @@ def main(argv=None):
     _, test = load_cifar10(args.data)
     out = args.out or f"runs/evaluate-{Path(args.export).name}"
     result = report(predict_exported(args.export, test.images), test, out, dataset_label(args.data))
-    print(f"test accuracy {result['accuracy']:.4f} on {result['dataset']}; report in {out}/report.md")
+    print(f"test accuracy {result['accuracy']:.4f}, ECE {result['ece']:.4f}, NLL {result['nll']:.4f} "
+          f"on {result['dataset']}; report in {out}/report.md")
 
 
 if __name__ == "__main__":

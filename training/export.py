@@ -81,21 +81,23 @@ def averaged_logits(model, pixels, tta):
     return logits
 
 
-def serving_function(model, tta):
+def serving_function(model, tta, temperature=1.0):
+    """uint8 images -> probabilities (softmax of the TTA-averaged logits / temperature) and
+    class names. The temperature, fitted on held-out images, makes the probabilities calibrated."""
     if tta not in TTA:
         raise ValueError(f"unknown test-time augmentation {tta!r}; choose from {', '.join(TTA)}")
     classes = tf.constant(CLASS_NAMES)
     stored = Float16Kernels(model)
 
     def serve(images):
-        logits = averaged_logits(stored, tf.cast(images, tf.float32), tta)
+        logits = averaged_logits(stored, tf.cast(images, tf.float32), tta) / temperature
         batch = tf.shape(images)[0]
         return {"probabilities": tf.nn.softmax(logits),
                 "classes": tf.tile(classes[tf.newaxis], [batch, 1])}
     return serve
 
 
-def export_savedmodel(model, base_path, version=None, tta="none"):
+def export_savedmodel(model, base_path, version=None, tta="none", temperature=1.0):
     """Write `model` as version `version` (default: the next integer) under base_path."""
     base = Path(base_path)
     base.mkdir(parents=True, exist_ok=True)
@@ -106,7 +108,7 @@ def export_savedmodel(model, base_path, version=None, tta="none"):
     # Not archive.track(model): the endpoint tracks the variables it uses, and tracking the model
     # as well stores every weight twice.
     archive = keras.export.ExportArchive()
-    archive.add_endpoint(SIGNATURE, serving_function(model, tta),
+    archive.add_endpoint(SIGNATURE, serving_function(model, tta, temperature),
                          input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8, name=INPUT)])
     staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=base))  # not an integer: servers skip it
     try:
@@ -124,9 +126,9 @@ def probabilities_in_batches(serve, images, batch_size=500):
                            for i in range(0, len(images), batch_size)])
 
 
-def predict_keras(model, images, tta, batch_size=500):
+def predict_keras(model, images, tta, batch_size=500, temperature=1.0):
     """Probabilities from the Keras model through the very function the export serves."""
-    return probabilities_in_batches(tf.function(serving_function(model, tta)), images, batch_size)
+    return probabilities_in_batches(tf.function(serving_function(model, tta, temperature)), images, batch_size)
 
 
 def predict_exported(export_dir, images, batch_size=500):

@@ -11,15 +11,15 @@ import numpy as np
 from training.data import CLASS_NAMES
 
 
-def plot_history(history, path, title=""):
-    """Train/test loss and accuracy per epoch, as in the seed's plots."""
+def plot_history(history, path, title="", monitored="test"):
+    """Train and test (or validation) loss and accuracy per epoch, as in the seed's plots."""
     if not history:
         return
     epochs = [row["epoch"] for row in history]
     fig, (loss_ax, acc_ax) = plt.subplots(2, 1, figsize=(8, 8), sharex=True)
     for ax, metric in ((loss_ax, "loss"), (acc_ax, "accuracy")):
         ax.plot(epochs, [row[metric] for row in history], color="tab:blue", label="train")
-        ax.plot(epochs, [row.get(f"val_{metric}", np.nan) for row in history], color="tab:orange", label="test")
+        ax.plot(epochs, [row.get(f"val_{metric}", np.nan) for row in history], color="tab:orange", label=monitored)
         ax.set_title(f"{'Cross entropy loss' if metric == 'loss' else 'Classification accuracy'}")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -57,6 +57,27 @@ def plot_misclassified(images, labels, predictions, confidences, path, count=36)
     for ax, i in zip(np.ravel(axes), wrong):
         ax.imshow(images[i])
         ax.set_title(f"{CLASS_NAMES[predictions[i]]} {confidences[i]:.0%}\n(is {CLASS_NAMES[labels[i]]})", fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_reliability(curves, path):
+    """Reliability diagram: accuracy against confidence per bin, one line per `curves` entry
+    (label -> (count, mean confidence, accuracy)); a calibrated model lies on the diagonal."""
+    fig, (ax, hist_ax) = plt.subplots(2, 1, figsize=(6, 7), sharex=True, height_ratios=(3, 1))
+    ax.plot([0, 1], [0, 1], color="gray", linestyle="--", label="calibrated")
+    for label, (count, confidence, accuracy) in curves.items():
+        used = count > 0
+        ax.plot(confidence[used], accuracy[used], marker="o", label=label)
+        hist_ax.plot(confidence[used], count[used] / count.sum(), marker=".", label=label)
+    ax.set_ylabel("accuracy")
+    ax.set_title("Reliability: top-1 accuracy per confidence bin")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    hist_ax.set_xlabel("confidence (top-1 probability)")
+    hist_ax.set_ylabel("share of images")
+    hist_ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

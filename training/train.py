@@ -25,7 +25,9 @@ import tensorflow as tf
 import keras
 
 from training.configs import CONFIGS, PRECISIONS, TrainConfig, get_config
-from training.data import CifarDataError, channel_stats, dataset_label, ensure_cifar10, load_cifar10
+from training.data import (CifarDataError, channel_stats, dataset_label, ensure_cifar10, load_cifar10,
+                           validation_indexes)
+from training.distill import TEACHER_LOGITS, Distiller, teacher_logits
 from training.evaluate import write_evaluation
 from training.export import TTA, export_savedmodel
 from training.models import build_model, float32_twin
@@ -42,10 +44,13 @@ def write_atomically(path, text):
 
 # --- data ---------------------------------------------------------------------------------
 
-def training_batches(split, config, first_epoch, steps_per_epoch):
+def training_batches(split, config, first_epoch, steps_per_epoch, soft_targets=None):
     """Batches for epochs first_epoch.. in an order fixed by (seed, epoch), so a resumed run
-    sees exactly the batches an uninterrupted one would."""
+    sees exactly the batches an uninterrupted one would. With a teacher's `soft_targets`, the
+    targets are [one-hot labels | teacher logits], what the Distiller trains on."""
     images, labels = tf.constant(split.images), tf.one_hot(split.labels, 10)
+    if soft_targets is not None:
+        labels = tf.concat([labels, tf.constant(soft_targets, tf.float32)], axis=1)
     n = len(split.labels)
     # airbench's alternating flip: a random half of the images is mirrored in even epochs, the
     # other half in odd ones, so every image is seen both ways every two epochs.
@@ -194,11 +199,19 @@ def make_optimizer(config, steps_per_epoch):
 
 
 def compile_model(model, config, steps_per_epoch):
+    """The model that fit() trains and checkpoints hold: `model` itself, or with a teacher the
+    Distiller around it."""
+    if config.teacher:
+        trained = Distiller(model, config.distill_alpha, config.distill_temperature, config.label_smoothing)
+        trained.compile(optimizer=make_optimizer(config, steps_per_epoch),
+                        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+        return trained
     model.compile(
         optimizer=make_optimizer(config, steps_per_epoch),
         loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
     )
+    return model
 
 
 # --- checkpoints --------------------------------------------------------------------------
@@ -212,9 +225,10 @@ class EpochCheckpoint(keras.callbacks.Callback):
     """After every epoch: weights + optimizer (a new file), then state.json pointing at it
     (atomic rename), then metrics.csv. A kill at any moment leaves a consistent last epoch."""
 
-    def __init__(self, run_dir, history, wall_time, lookahead=None):
+    def __init__(self, run_dir, history, wall_time, lookahead=None, monitored="test"):
         super().__init__()
         self.run_dir, self.history, self.wall_time = Path(run_dir), history, wall_time
+        self.monitored = monitored
         self.lookahead = lookahead
         (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
 
@@ -251,7 +265,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
             if old not in saved:
                 old.unlink()
         print(f"epoch {epoch + 1}: {seconds:.1f}s (total {self.wall_time:.0f}s) "
-              f"train acc {logs['accuracy']:.4f} test acc {logs.get('val_accuracy', float('nan')):.4f}",
+              f"train acc {logs['accuracy']:.4f} {self.monitored} acc {logs.get('val_accuracy', float('nan')):.4f}",
               flush=True)
 
 
@@ -318,13 +332,22 @@ def train(config, data, run_dir, export_base=None, train_limit=None, test_limit=
         train_split = train_split.take(train_limit)
     if test_limit:
         test_split = test_split.take(test_limit)
+    soft_targets = None
+    if config.teacher:
+        soft_targets = teacher_logits(config.teacher, train_split.images, run_dir / TEACHER_LOGITS)
+    validation_split = None
+    if config.validation_size:
+        kept, held_out = validation_indexes(train_split.labels, config.validation_size, config.seed)
+        train_split, validation_split = train_split.subset(kept), train_split.subset(held_out)
+        soft_targets = soft_targets[kept] if soft_targets is not None else None
+    monitored = "val" if validation_split else "test"
 
     steps_per_epoch = len(train_split.labels) // config.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_split.labels)} training images do not fill one batch of {config.batch_size}")
     model = build_model(config, train_split.images)
-    compile_model(model, config, steps_per_epoch)
-    state = restore(model, run_dir)
+    trained = compile_model(model, config, steps_per_epoch)
+    state = restore(trained, run_dir)
     first_epoch = state["epoch"] if state else 0
     history = state["history"] if state else []
     if first_epoch:
@@ -340,24 +363,27 @@ def train(config, data, run_dir, export_base=None, train_limit=None, test_limit=
                 with np.load(run_dir / "checkpoints" / slow) as saved:
                     slow = [saved[f"arr_{i}"] for i in range(len(saved.files))]
             lookahead = Lookahead(steps_per_epoch, config.epochs * steps_per_epoch, slow)
-        model.fit(
-            training_batches(train_split, config, first_epoch, steps_per_epoch),
+        trained.fit(
+            training_batches(train_split, config, first_epoch, steps_per_epoch, soft_targets),
             steps_per_epoch=steps_per_epoch, initial_epoch=first_epoch, epochs=config.epochs,
-            validation_data=test_batches(test_split), shuffle=False,
+            validation_data=test_batches(validation_split or test_split), shuffle=False,
             callbacks=[*([lookahead] if lookahead else []),
-                       EpochCheckpoint(run_dir, history, state["wall_seconds"] if state else 0.0, lookahead),
+                       EpochCheckpoint(run_dir, history, state["wall_seconds"] if state else 0.0, lookahead,
+                                       monitored),
                        keras.callbacks.TensorBoard(run_dir / "tensorboard")],
             verbose=verbose if verbose is not None else (1 if sys.stdout.isatty() else 2),
         )
-    plot_history(history, run_dir / "history.png", title=f"{config.name}: {config.description}")
+    plot_history(history, run_dir / "history.png", title=f"{config.name}: {config.description}",
+                 monitored="validation" if validation_split else "test")
     model = float32_twin(model, config, train_split.images)
-    evaluation = write_evaluation(model, config, test_split, run_dir / "evaluation", dataset_label(data))
+    evaluation, temperature = write_evaluation(model, config, test_split, run_dir / "evaluation",
+                                               dataset_label(data), validation_split)
     if export_base:
-        export_once(model, config, run_dir, export_base)
+        export_once(model, config, run_dir, export_base, temperature)
     return evaluation, history
 
 
-def export_once(model, config, run_dir, export_base):
+def export_once(model, config, run_dir, export_base, temperature=1.0):
     """One exported version per run and test-time augmentation: re-running a finished command
     adds no version; re-running it with another --tta exports that choice as a new version."""
     record = run_dir / "export.json"
@@ -367,7 +393,7 @@ def export_once(model, config, run_dir, export_base):
     if config.tta in exports:
         print(f"already exported: {exports[config.tta]['path']}")
         return
-    path = export_savedmodel(model, export_base, tta=config.tta)
+    path = export_savedmodel(model, export_base, tta=config.tta, temperature=temperature)
     exports[config.tta] = {"path": str(path), "version": int(path.name)}
     write_atomically(record, json.dumps(exports))
     print(f"exported {path}")
@@ -387,6 +413,11 @@ def parse_args(argv=None):
     parser.add_argument("--data", default="data", help="data dir, cifar-10-batches-py/ or the tarball")
     parser.add_argument("--run-dir", help="default: runs/<config>")
     parser.add_argument("--export-base", help="also export a new SavedModel version under this path")
+    parser.add_argument("--validation-size", type=int, help="training images held out for monitoring and "
+                        "calibration (default: the configuration's)")
+    parser.add_argument("--teacher", help="distil from this exported SavedModel version (default: the configuration's)")
+    parser.add_argument("--distill-alpha", type=float, help="weight of the hard-label loss when distilling")
+    parser.add_argument("--distill-temperature", type=float, help="softmax temperature of the distillation loss")
     parser.add_argument("--train-limit", type=int, help="train on the first N training images only")
     parser.add_argument("--test-limit", type=int, help="evaluate on the first N test images only")
     parser.add_argument("--deterministic", action="store_true", help="deterministic TF ops (slower)")
@@ -398,7 +429,9 @@ def main(argv=None):
     if args.deterministic:
         tf.config.experimental.enable_op_determinism()
     config = get_config(args.config, epochs=args.epochs, batch_size=args.batch_size,
-                        learning_rate=args.learning_rate, tta=args.tta, precision=args.precision)
+                        learning_rate=args.learning_rate, tta=args.tta, precision=args.precision,
+                        validation_size=args.validation_size, teacher=args.teacher, distill_alpha=args.distill_alpha,
+                        distill_temperature=args.distill_temperature)
     try:
         evaluation, _ = train(config, args.data, args.run_dir or f"runs/{config.name}", args.export_base,
                               args.train_limit, args.test_limit)

@@ -1,0 +1,120 @@
+"""Knowledge distillation (Hinton et al. 2015): a small student learns from a strong teacher's
+soft targets as well as from the labels, so serving cost moves into training time.
+
+The teacher is any exported SavedModel version (a single run, a TTA export, an ensemble): what it
+serves is what the student learns from. Its outputs over the un-augmented training images are
+computed once and cached in the run directory; the student then sees them under every crop, flip
+and cutout of that image (on 2 CPU cores a teacher pass per training step would cost more than
+the student's whole step).
+
+    python -m training.distill models/cifar10/1 --data data --out runs/student/teacher-logits.npz
+"""
+
+import argparse
+import hashlib
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import keras
+from keras import ops
+
+from training.data import load_cifar10
+
+TEACHER_LOGITS = "teacher-logits.npz"
+
+
+def fingerprint(teacher_dir, images):
+    """Names the teacher version and the images: a cache made for others is not reused."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(teacher_dir).rglob("*")):
+        if path.is_file():
+            digest.update(path.relative_to(teacher_dir).as_posix().encode())
+            digest.update(path.read_bytes())
+    digest.update(images.tobytes())
+    return digest.hexdigest()
+
+
+def compute_teacher_logits(teacher_dir, images, batch_size=250):
+    """log of the teacher's served probabilities: logits up to a per-image constant, which no
+    softmax sees."""
+    import tensorflow as tf
+    from training.export import INPUT, SIGNATURE
+    serve = tf.saved_model.load(str(teacher_dir)).signatures[SIGNATURE]
+    out, started = [], time.perf_counter()
+    for i in range(0, len(images), batch_size):
+        probabilities = serve(**{INPUT: tf.constant(images[i:i + batch_size])})["probabilities"].numpy()
+        out.append(np.log(np.maximum(probabilities, 1e-30)))
+        done = min(i + batch_size, len(images))
+        rate = done / (time.perf_counter() - started)
+        print(f"\rteacher {teacher_dir}: {done}/{len(images)} images, {rate:.0f}/s, "
+              f"{(len(images) - done) / rate / 60:.1f} min left", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return np.concatenate(out).astype(np.float32)
+
+
+def teacher_logits(teacher_dir, images, cache):
+    """The teacher's logits for `images`, from `cache` when it was made by this teacher for
+    these images, else computed and cached."""
+    key = fingerprint(teacher_dir, images)
+    cache = Path(cache)
+    if cache.is_file():
+        with np.load(cache) as saved:
+            if str(saved["fingerprint"]) == key:
+                return saved["logits"]
+    logits = compute_teacher_logits(teacher_dir, images)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_name(f".{cache.name}.partial.npz")
+    np.savez(partial, logits=logits, fingerprint=key)
+    partial.replace(cache)
+    return logits
+
+
+@keras.saving.register_keras_serializable("cifar10")
+class Distiller(keras.Model):
+    """Trains `student` on alpha * cross-entropy(labels) + (1 - alpha) * T^2 * KL(teacher_T ||
+    student_T), where _T is a softmax at temperature T (keras-io's knowledge distillation, with
+    the teacher's logits arriving beside the labels: y = [one-hot labels | teacher logits]).
+    Batches with labels only (validation) are scored on the labels alone."""
+
+    def __init__(self, student, alpha, temperature, label_smoothing=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.student, self.alpha, self.temperature = student, alpha, temperature
+        self.built = student.built  # no weights of its own: checkpoints can load before fit
+        self.hard_loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=label_smoothing)
+
+    def call(self, x, training=False):
+        return self.student(x, training=training)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        labels = y[:, :10]
+        loss = self.hard_loss(labels, y_pred)
+        if y.shape[-1] == 20:
+            t = self.temperature
+            teacher = ops.softmax(y[:, 10:] / t, axis=-1)
+            student = ops.log_softmax(ops.cast(y_pred, "float32") / t, axis=-1)
+            soft = ops.mean(ops.sum(teacher * (ops.log(ops.maximum(teacher, 1e-30)) - student), axis=-1))
+            loss = self.alpha * loss + (1 - self.alpha) * t ** 2 * soft
+        if self.losses:
+            loss = loss + ops.sum(self.losses)
+        return loss
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        return super().compute_metrics(x, y[:, :10], y_pred, sample_weight)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("teacher", help="an exported SavedModel version directory")
+    parser.add_argument("--data", default="data")
+    parser.add_argument("--out", required=True, help=f"cache file, e.g. runs/<run>/{TEACHER_LOGITS}")
+    args = parser.parse_args(argv)
+    train, _ = load_cifar10(args.data)
+    logits = teacher_logits(args.teacher, train.images, args.out)
+    accuracy = (logits.argmax(axis=1) == train.labels).mean()
+    print(f"{args.out}: {len(logits)} images, teacher accuracy on them {accuracy:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Distillation and calibration through the training CLI, on a real slice of CIFAR-10, with a real
+exported teacher."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from training.tests.conftest import REPO, run_training
+
+SLICE = ["--train-limit", 1024, "--test-limit", 256]
+STUDENT = ["--config", "tiny", "--validation-size", 256, *SLICE]
+
+
+@pytest.fixture(scope="module")
+def teacher(data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("teacher")
+    result = run_training("--config", "tiny", "--epochs", 2, "--data", data_dir, "--run-dir", root / "run",
+                          "--export-base", root / "models", *SLICE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "models" / "1"
+
+
+@pytest.fixture(scope="module")
+def student(data_dir, teacher, tmp_path_factory):
+    root = tmp_path_factory.mktemp("student")
+    result = run_training(*STUDENT, "--teacher", teacher, "--data", data_dir, "--run-dir", root / "run",
+                          "--export-base", root / "models")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, result
+
+
+def test_the_soft_targets_are_the_teachers_served_log_probabilities(student, teacher, data_dir):
+    from training.data import load_cifar10
+    from training.export import predict_exported
+    root, _ = student
+    train, _ = load_cifar10(data_dir)
+    with np.load(root / "run" / "teacher-logits.npz") as cached:
+        logits = cached["logits"]
+    assert logits.shape == (1024, 10)
+    served = predict_exported(teacher, train.images[:1024])
+    assert np.allclose(np.exp(logits), served, atol=1e-6)
+
+
+def test_a_student_monitors_the_held_out_images_and_the_test_split_only_reports(student):
+    root, result = student
+    assert "val acc" in result.stdout and "test acc" not in result.stdout.split("test accuracy")[0]
+    evaluation = json.loads((root / "run/evaluation/evaluation.json").read_text())
+    assert evaluation["images"] == 256 and evaluation["validation"]["images"] == 256
+    assert (root / "run/evaluation/reliability.png").is_file()
+    assert "ECE" in (root / "run/evaluation/report.md").read_text()
+
+
+def test_the_export_serves_the_fitted_temperature(student, data_dir):
+    """The export's probabilities are the report's: same ECE and NLL on the same test images, and
+    unlike the uncalibrated ones the report compares them with."""
+    from training.calibration import summary
+    from training.data import load_cifar10
+    from training.export import predict_exported
+    root, _ = student
+    evaluation = json.loads((root / "run/evaluation/evaluation.json").read_text())
+    assert evaluation["temperature"] != pytest.approx(1.0, abs=1e-3)
+    assert evaluation["validation"]["after"]["nll"] < evaluation["validation"]["before"]["nll"]
+    _, test = load_cifar10(data_dir)
+    served = summary(predict_exported(root / "models" / "1", test.images[:256]), test.labels[:256])
+    assert served["ece"] == pytest.approx(evaluation["ece"], abs=1e-4)
+    assert served["nll"] == pytest.approx(evaluation["nll"], abs=1e-4)
+    assert served["nll"] != pytest.approx(evaluation["before_temperature"]["nll"], abs=1e-3)
+
+
+def test_kill_9_then_resume_ends_where_an_uninterrupted_student_does(data_dir, teacher, tmp_path):
+    common = [*STUDENT, "--teacher", teacher, "--data", data_dir, "--deterministic", "--epochs", 6]
+    process = subprocess.Popen([sys.executable, "-m", "training.train", *map(str, common), "--run-dir",
+                                str(tmp_path / "resumed")], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    state = tmp_path / "resumed" / "state.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if state.exists() and json.loads(state.read_text())["epoch"] >= 2:
+            break
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = json.loads(state.read_text())["epoch"]
+    assert 2 <= killed_at < 6, "the run finished before it could be killed"
+    resumed = run_training(*common, "--run-dir", tmp_path / "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"after epoch {killed_at}/6" in resumed.stdout
+    straight = run_training(*common, "--run-dir", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    def history(run):
+        return json.loads((tmp_path / run / "state.json").read_text())["history"]
+    for a, b in zip(history("resumed"), history("straight"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["val_accuracy"] == b["val_accuracy"]
+
+
+def test_the_distillation_loss_mixes_labels_and_the_teachers_softened_targets():
+    import keras
+    from training.calibration import softmax
+    from training.distill import Distiller
+    student_logits = np.array([[2.0, 0.5, -1.0] + [0.0] * 7])
+    teacher_logits = np.array([[0.0, 3.0, 1.0] + [-1.0] * 7])
+    labels = np.eye(10)[[0]]
+    alpha, t = 0.3, 4.0
+    distiller = Distiller(keras.Sequential([keras.layers.Identity()]), alpha, t)
+    y = np.concatenate([labels, teacher_logits], axis=1).astype("float32")
+    loss = float(distiller.compute_loss(y=y, y_pred=student_logits.astype("float32")))
+    hard = -np.log(softmax(student_logits)[0, 0])
+    p, q = softmax(teacher_logits, t)[0], softmax(student_logits, t)[0]
+    soft = np.sum(p * np.log(p / q))
+    assert loss == pytest.approx(alpha * hard + (1 - alpha) * t ** 2 * soft, rel=1e-4)
+    # Labels alone (validation batches): the hard loss.
+    assert float(distiller.compute_loss(y=labels.astype("float32"), y_pred=student_logits.astype("float32"))) \
+        == pytest.approx(hard, rel=1e-4)
