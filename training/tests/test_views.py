@@ -1,0 +1,46 @@
+"""Fewer test-time views from the shipped flip_translate SavedModel alone."""
+
+import numpy as np
+import pytest
+
+from training.tests.conftest import REPO, run_training
+
+TEACHER = REPO / "models" / "cifar10" / "1"
+
+
+@pytest.fixture(scope="module")
+def reexported(tmp_path_factory, data_dir):
+    from training.data import load_cifar10
+    from training.views import export_views
+    train, _ = load_cifar10(data_dir)
+    base = tmp_path_factory.mktemp("views")
+    return {tta: export_views(TEACHER, tta, base, train.images[:64]) for tta in ("none", "flip")}, train
+
+
+def test_one_view_and_its_mirror_average_to_the_flip_export(reexported):
+    from training.calibration import log_probabilities, softmax
+    from training.export import predict_exported
+    exports, train = reexported
+    assert [p.name for p in exports.values()] == ["1", "2"]
+    images = train.images[100:164]
+    single = log_probabilities(predict_exported(exports["none"], images))
+    mirrored = log_probabilities(predict_exported(exports["none"], images[:, :, ::-1]))
+    assert np.allclose(softmax((single + mirrored) / 2), predict_exported(exports["flip"], images), atol=1e-5)
+    assert not np.allclose(single, mirrored, atol=1e-3)
+
+
+def test_each_view_costs_a_sixth_of_the_original(reexported):
+    from training.cost import multiply_adds
+    exports, _ = reexported
+    full = multiply_adds(TEACHER)
+    assert multiply_adds(exports["none"]) * 6 == full
+    assert multiply_adds(exports["flip"]) * 3 == full
+
+
+def test_a_flip_export_is_refused_by_name(data_dir, tmp_path):
+    from training.views import view_functions
+    result = run_training("--config", "tiny", "--data", data_dir, "--run-dir", tmp_path / "run",
+                          "--export-base", tmp_path / "models", "--train-limit", 256, "--test-limit", 64)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with pytest.raises(ValueError, match="expected the 6 network calls of a flip_translate export, found 2"):
+        view_functions(tmp_path / "models" / "1")

@@ -1,0 +1,108 @@
+"""Re-export a flip_translate export with fewer test-time views, from the SavedModel alone.
+
+A model exported with `flip_translate` runs its network six times per image. Its run directory
+(checkpoints) is not committed, yet an operator may want the same weights at a sixth or a third
+of the cost. The network's six calls are separate subgraphs of the served graph: this freezes the
+graph, keeps the calls the chosen TTA needs, and exports them under the same contract as a new
+version. Before writing, it rebuilds the six-view average from the kept subgraphs and checks it
+against what the original serves, so a graph it does not understand is refused, not mangled.
+
+    python -m training.views models/cifar10/1 --tta none --export-base models/teacher
+"""
+
+import argparse
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+from training.data import CLASS_NAMES, load_cifar10
+from training.export import INPUT, SIGNATURE, TTA, next_version, predict_exported
+
+# Keras names the k-th call of the model's last layer logits_<2k-1> in the traced graph.
+LOGITS = re.compile(r"^StatefulPartitionedCall/logits_(\d+)/add$")
+
+
+def view_functions(export_dir):
+    """A function from uint8 images to the six views' logits: the image, its mirror, then the
+    1-pixel shift up-left and its mirror, then down-right and its mirror (export.averaged_logits'
+    order of calls)."""
+    loaded = tf.saved_model.load(str(export_dir))
+    graph_def = convert_variables_to_constants_v2(loaded.signatures[SIGNATURE]).graph.as_graph_def()
+    calls = sorted((int(m.group(1)), node.name) for node in graph_def.node if (m := LOGITS.match(node.name)))
+    if len(calls) != 6:
+        raise ValueError(f"{export_dir}: expected the 6 network calls of a flip_translate export, found {len(calls)}")
+    imported = tf.compat.v1.wrap_function(lambda: tf.graph_util.import_graph_def(graph_def, name=""), [])
+    return [imported.prune(f"{INPUT}:0", f"{name}:0") for _, name in calls]
+
+
+def combine(views, tta):
+    """export.averaged_logits over precomputed views."""
+    if tta == "none":
+        return views[0]
+    mirrored = [(views[i] + views[i + 1]) / 2 for i in range(0, len(views), 2)]
+    return mirrored[0] if tta == "flip" else (mirrored[0] + (mirrored[1] + mirrored[2]) / 2) / 2
+
+
+class Views(tf.Module):
+    def __init__(self, views, tta):
+        super().__init__()
+        self.views = views[:1] if tta == "none" else views[:2] if tta == "flip" else views
+        self.tta = tta
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8, name=INPUT)])
+    def serve(self, images):
+        logits = combine([view(images) for view in self.views], self.tta)
+        return {"probabilities": tf.nn.softmax(logits),
+                "classes": tf.tile(tf.constant(CLASS_NAMES)[tf.newaxis], [tf.shape(images)[0], 1])}
+
+
+def check_views(views, export_dir, images):
+    """The six kept subgraphs must give back what the original export serves."""
+    rebuilt = tf.nn.softmax(combine([view(tf.constant(images)) for view in views], "flip_translate")).numpy()
+    served = predict_exported(export_dir, images)
+    if not np.allclose(rebuilt, served, atol=1e-5):
+        raise ValueError(f"{export_dir}: the network calls found do not rebuild its served probabilities "
+                         f"(max difference {np.abs(rebuilt - served).max():.2e})")
+
+
+def export_views(export_dir, tta, base_path, check_images):
+    views = view_functions(export_dir)
+    check_views(views, export_dir, check_images)
+    base = Path(base_path)
+    base.mkdir(parents=True, exist_ok=True)
+    final = base / str(next_version(base))
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=base))
+    try:
+        module = Views(views, tta)
+        tf.saved_model.save(module, str(staging), signatures={SIGNATURE: module.serve})
+        os.chmod(staging, 0o755)
+        os.rename(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("export", help="a SavedModel version exported with --tta flip_translate")
+    parser.add_argument("--tta", choices=[t for t in TTA if t != "flip_translate"], required=True)
+    parser.add_argument("--export-base", required=True, help="write the result as the next version here")
+    parser.add_argument("--data", default="data", help="CIFAR-10, for the check (64 training images)")
+    args = parser.parse_args(argv)
+    train, _ = load_cifar10(args.data)
+    try:
+        path = export_views(args.export, args.tta, args.export_base, train.images[:64])
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
+    print(f"exported {path}")
+
+
+if __name__ == "__main__":
+    main()
