@@ -322,25 +322,31 @@ def check_same_config(run_dir, config):
 
 # --- the run --------------------------------------------------------------------------------
 
-def train(config, data, run_dir, export_base=None, train_limit=None, test_limit=None, verbose=None):
-    """Train (or resume) `config` in run_dir; returns (evaluation, per-epoch history)."""
+def train(config, data, run_dir, export_base=None, train_limit=None, test_limit=None, verbose=None,
+          touch_test=True):
+    """Train (or resume) `config` in run_dir; returns (evaluation, per-epoch history). Without
+    touch_test (a trial that chooses settings on the validation split) there is no test
+    evaluation and no export, and the evaluation is None."""
     keras.utils.set_random_seed(config.seed)
     run_dir = Path(run_dir)
     check_same_config(run_dir, config)
     train_split, test_split = load_cifar10(ensure_cifar10(data))
+    soft_targets = None
+    if config.teacher:  # over every training image, so runs on slices can share one cache file
+        soft_targets = teacher_logits(config.teacher, train_split.images, run_dir / TEACHER_LOGITS)
     if train_limit:
         train_split = train_split.take(train_limit)
+        soft_targets = soft_targets[:train_limit] if soft_targets is not None else None
     if test_limit:
         test_split = test_split.take(test_limit)
-    soft_targets = None
-    if config.teacher:
-        soft_targets = teacher_logits(config.teacher, train_split.images, run_dir / TEACHER_LOGITS)
     validation_split = None
     if config.validation_size:
         kept, held_out = validation_indexes(train_split.labels, config.validation_size, config.seed)
         train_split, validation_split = train_split.subset(kept), train_split.subset(held_out)
         soft_targets = soft_targets[kept] if soft_targets is not None else None
     monitored = "val" if validation_split else "test"
+    if not touch_test and (validation_split is None or export_base):
+        raise ValueError("a trial that leaves the test split alone needs a validation split and no export")
 
     steps_per_epoch = len(train_split.labels) // config.batch_size
     if steps_per_epoch == 0:
@@ -375,6 +381,8 @@ def train(config, data, run_dir, export_base=None, train_limit=None, test_limit=
         )
     plot_history(history, run_dir / "history.png", title=f"{config.name}: {config.description}",
                  monitored="validation" if validation_split else "test")
+    if not touch_test:
+        return None, history
     model = float32_twin(model, config, train_split.images)
     evaluation, temperature = write_evaluation(model, config, test_split, run_dir / "evaluation",
                                                dataset_label(data), validation_split)
@@ -421,6 +429,8 @@ def parse_args(argv=None):
     parser.add_argument("--train-limit", type=int, help="train on the first N training images only")
     parser.add_argument("--test-limit", type=int, help="evaluate on the first N test images only")
     parser.add_argument("--deterministic", action="store_true", help="deterministic TF ops (slower)")
+    parser.add_argument("--trial", action="store_true", help="choosing settings: report the validation "
+                        "split only, leave the test split untouched, export nothing")
     return parser.parse_args(argv)
 
 
@@ -433,10 +443,13 @@ def main(argv=None):
                         validation_size=args.validation_size, teacher=args.teacher, distill_alpha=args.distill_alpha,
                         distill_temperature=args.distill_temperature)
     try:
-        evaluation, _ = train(config, args.data, args.run_dir or f"runs/{config.name}", args.export_base,
-                              args.train_limit, args.test_limit)
+        evaluation, history = train(config, args.data, args.run_dir or f"runs/{config.name}", args.export_base,
+                                    args.train_limit, args.test_limit, touch_test=not args.trial)
     except (CifarDataError, ValueError) as exc:
         sys.exit(f"error: {exc}")
+    if args.trial:
+        print(f"validation accuracy {history[-1]['val_accuracy']:.4f} (trial: test split not evaluated)")
+        return
     print(f"test accuracy {evaluation['accuracy']:.4f} ({evaluation['dataset']})")
 
 

@@ -42,9 +42,9 @@ def test_the_soft_targets_are_the_teachers_served_log_probabilities(student, tea
     train, _ = load_cifar10(data_dir)
     with np.load(root / "run" / "teacher-logits.npz") as cached:
         logits = cached["logits"]
-    assert logits.shape == (1024, 10)
+    assert logits.shape == (50000, 10)
     served = predict_exported(teacher, train.images[:1024])
-    assert np.allclose(np.exp(logits), served, atol=1e-6)
+    assert np.allclose(np.exp(logits[:1024]), served, atol=1e-6)
 
 
 def test_a_student_monitors_the_held_out_images_and_the_test_split_only_reports(student):
@@ -118,3 +118,12 @@ def test_the_distillation_loss_mixes_labels_and_the_teachers_softened_targets():
     # Labels alone (validation batches): the hard loss.
     assert float(distiller.compute_loss(y=labels.astype("float32"), y_pred=student_logits.astype("float32"))) \
         == pytest.approx(hard, rel=1e-4)
+
+
+def test_a_trial_reports_the_validation_split_and_never_evaluates_the_test_split(data_dir, tmp_path):
+    result = run_training(*STUDENT, "--trial", "--data", data_dir, "--run-dir", tmp_path / "trial")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "validation accuracy" in result.stdout and "test accuracy" not in result.stdout
+    assert (tmp_path / "trial/metrics.csv").is_file() and not (tmp_path / "trial/evaluation").exists()
+    refused = run_training("--config", "tiny", *SLICE, "--trial", "--data", data_dir, "--run-dir", tmp_path / "bare")
+    assert refused.returncode == 1 and "needs a validation split" in refused.stderr
