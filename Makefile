@@ -11,7 +11,7 @@ RUN_DIR ?= runs/$(CONFIG)
 MODEL_BASE_PATH ?= models/cifar10
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train configs study bench-train evaluate test
+.PHONY: help setup data train configs study bench-train evaluate cost test
 
 help: ## List every target with one line each
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -48,8 +48,11 @@ bench-train: setup data ## Time the fast recipe from scratch: wall time and test
 	$(PY) -m training.bench --config $(CONFIG) $(if $(EPOCHS),--epochs $(EPOCHS)) \
 		$(if $(PRECISION),--precision $(PRECISION)) --data $(DATA_DIR)
 
-evaluate: setup data ## Evaluation report of an exported model: make evaluate MODEL=models/cifar10/1
-	$(PY) -m training.evaluate --export $(or $(MODEL),$(MODEL_BASE_PATH)/1) --data $(DATA_DIR)
+evaluate: setup data ## Evaluation report of an exported model (default: the served, highest version): make evaluate MODEL=models/cifar10/1
+	$(PY) -m training.evaluate --export $(or $(MODEL),$(MODEL_BASE_PATH)/$(shell ls $(MODEL_BASE_PATH) | grep -E '^[0-9]+$$' | sort -n | tail -n 1)) --data $(DATA_DIR)
+
+cost: setup ## Serving cost of exported models: multiply-adds, parameters, size, images/s at batch 32 [MODELS="models/cifar10/1 models/cifar10/2"]
+	$(PY) -m training.cost $(or $(MODELS),$(wildcard $(MODEL_BASE_PATH)/[0-9]*))
 
 test: setup data ## Run the whole test suite (real redis-server, gunicorn, gRPC, SavedModel)
 	$(PY) -m pytest
@@ -64,7 +67,7 @@ up: setup ## Start redis, model server, workers (WORKERS=2) and gateway on :5000
 down: ## Stop everything `make up` started
 	$(PY) -m scripts.stack down
 
-bench-serve: ## Load-test the running stack (make up first): req/s, p50/p95/p99, mean worker batch size
+bench-serve: ## Load-test the running stack (make up first), then the seed's one-process server: req/s, p50/p99, batch size, ratio
 	$(PY) -m scripts.bench_serve
 
 # ---- Deployment: docker compose and Kubernetes (k8s/), validated offline ----
