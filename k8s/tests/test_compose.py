@@ -147,11 +147,19 @@ def test_one_model_volume(services):
 
 
 def test_seed_model_is_shipped(services):
+    """model-init seeds the highest version of the repository's models/<name>/, whatever its
+    number (k8s/tests/test_seed_scripts.py runs the script); that version is a SavedModel."""
     seed = next(v for v in services["model-init"]["volumes"] if v.endswith(":/seed:ro"))
     host_dir = Path(seed.split(":")[0])
     assert host_dir == ROOT / "models"
-    assert (host_dir / STACK["MODEL_NAME"] / "1" / "saved_model.pb").is_file()
-    assert f"/seed/{STACK['MODEL_NAME']}/1" in " ".join(services["model-init"]["command"])
+    versions = sorted(int(p.name) for p in (host_dir / STACK["MODEL_NAME"]).iterdir()
+                      if p.is_dir() and p.name.isdigit())
+    assert versions, f"no model version under {host_dir / STACK['MODEL_NAME']}"
+    assert (host_dir / STACK["MODEL_NAME"] / str(versions[-1]) / "saved_model.pb").is_file()
+    script = services["model-init"]["command"][2]
+    assert f"src=/seed/{STACK['MODEL_NAME']}\n" in script
+    assert "sort -n | tail -n 1" in script
+    assert f"/seed/{STACK['MODEL_NAME']}/" not in script  # no version number written in
 
 
 def test_worker_scales_and_gateway_is_published(services):

@@ -104,9 +104,10 @@ def test_trainer_has_no_healthcheck_and_a_gpu_variant():
     assert ("TF_VARIANT=cpu",) in [c.value for c in commands if c.cmd == "ARG"]
     text = (ROOT / "training" / "Dockerfile").read_text()
     assert 'gpu) extra="tensorflow[and-cuda]==${tf_version}"' in text
-    # The default model ships in the image: it seeds an empty model volume in Kubernetes.
-    assert ("models/cifar10/1/", "models/cifar10/1/") in [c.value for c in commands
-                                                          if c.cmd == "COPY"]
+    # Every shipped version is in the image (.dockerignore admits exactly those): 1 is the
+    # teacher the student config reads, the highest seeds an empty model volume in Kubernetes.
+    assert ("models/cifar10/", "models/cifar10/") in [c.value for c in commands
+                                                      if c.cmd == "COPY"]
 
 
 # ---- build context --------------------------------------------------------------------------
@@ -155,7 +156,8 @@ def test_copied_sources_are_in_the_context(service):
 
 @pytest.mark.parametrize("path,left_out", [
     ("common/stack.env", False), ("gateway/app.py", False), ("worker/requirements.txt", False),
-    ("models/cifar10/1/saved_model.pb", False), ("models/cifar10/2/saved_model.pb", True),
+    ("models/cifar10/1/saved_model.pb", False), ("models/cifar10/2/saved_model.pb", False),
+    ("models/cifar10/3/saved_model.pb", True),
     (".git/HEAD", True), (".venv/bin/python", True), ("data/cifar-10-batches-py/x", True),
     ("runs/fast/ckpt", True), ("gateway/tests/test_app.py", True),
     ("training/__pycache__/train.cpython-311.pyc", True), ("k8s/base/redis.yaml", True),
