@@ -1,5 +1,6 @@
 """One real stack per test session: redis-server, the model server (stand-in or real), two workers
-and gunicorn, on free ports, serving a copy of the shipped model (models/cifar10/1)."""
+and gunicorn, on free ports, serving a copy of the shipped default model (the highest version under
+models/cifar10) as version 1."""
 import zipfile
 
 import pytest

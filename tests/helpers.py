@@ -9,10 +9,13 @@ from pathlib import Path
 import requests
 
 from scripts.stack import LocalStack
+from tfserving.versions import list_versions
 
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = Path(__file__).resolve().parent / "assets"
-SHIPPED_MODEL = Path(os.environ.get("TEST_MODEL_DIR", REPO / "models" / "cifar10" / "1"))
+SHIPPED_BASE = REPO / "models" / "cifar10"
+# The served default: the highest shipped version (version 1 is the teacher it was distilled from).
+SHIPPED_MODEL = Path(os.environ.get("TEST_MODEL_DIR", SHIPPED_BASE / str(max(list_versions(SHIPPED_BASE)))))
 CIFAR_ZIP = REPO.parent / "shared" / "data" / "cifar10" / "cifar10-jpeg.zip"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # Short enough to keep the tests quick, long enough for a batch on a busy 2-core machine.

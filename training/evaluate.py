@@ -13,7 +13,7 @@ import numpy as np
 from training.calibration import (ECE_BINS, fit_temperature, log_probabilities, reliability, softmax,
                                   summary)
 from training.data import CLASS_NAMES, dataset_label, load_cifar10
-from training.export import predict_exported, predict_keras
+from training.export import TTA, predict_exported, predict_keras
 from training.plots import plot_confusion_matrix, plot_misclassified, plot_reliability
 
 
@@ -61,14 +61,18 @@ def report(probabilities, split, out_dir, dataset, before_temperature=None, extr
 
 
 def calibrate(model, config, validation):
-    """The softmax temperature that minimizes the NLL on the validation split, and that split's
-    figures before and after it."""
+    """The softmax temperature that minimizes the NLL on the validation split, that split's
+    figures before and after it, and its accuracy under each test-time augmentation (what a
+    choice of `tta` would buy)."""
     probabilities = predict_keras(model, validation.images, config.tta)
     temperature = fit_temperature(log_probabilities(probabilities), validation.labels)
+    accuracy_by_tta = {tta: float((predict_keras(model, validation.images, tta).argmax(axis=1)
+                                   == validation.labels).mean()) for tta in TTA}
     return temperature, {"images": int(len(validation.labels)), "temperature": temperature,
                          "before": summary(probabilities, validation.labels),
                          "after": summary(softmax(log_probabilities(probabilities), temperature),
-                                          validation.labels)}
+                                          validation.labels),
+                         "accuracy_by_tta": accuracy_by_tta}
 
 
 def write_evaluation(model, config, split, out_dir, dataset="CIFAR-10", validation=None):

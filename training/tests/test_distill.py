@@ -52,6 +52,8 @@ def test_a_student_monitors_the_held_out_images_and_the_test_split_only_reports(
     assert "val acc" in result.stdout and "test acc" not in result.stdout.split("test accuracy")[0]
     evaluation = json.loads((root / "run/evaluation/evaluation.json").read_text())
     assert evaluation["images"] == 256 and evaluation["validation"]["images"] == 256
+    assert set(evaluation["validation"]["accuracy_by_tta"]) == {"none", "flip", "flip_translate"}
+    assert evaluation["validation"]["accuracy_by_tta"]["none"] == evaluation["validation"]["after"]["accuracy"]
     assert (root / "run/evaluation/reliability.png").is_file()
     assert "ECE" in (root / "run/evaluation/report.md").read_text()
 
