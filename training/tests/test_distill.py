@@ -2,16 +2,11 @@
 exported teacher."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
-from training.tests.conftest import REPO, run_training
+from training.tests.conftest import run_training, train_until_killed
 
 SLICE = ["--train-limit", 1024, "--test-limit", 256]
 STUDENT = ["--config", "tiny", "--validation-size", 256, *SLICE]
@@ -77,18 +72,7 @@ def test_the_export_serves_the_fitted_temperature(student, data_dir):
 
 def test_kill_9_then_resume_ends_where_an_uninterrupted_student_does(data_dir, teacher, tmp_path):
     common = [*STUDENT, "--teacher", teacher, "--data", data_dir, "--deterministic", "--epochs", 6]
-    process = subprocess.Popen([sys.executable, "-m", "training.train", *map(str, common), "--run-dir",
-                                str(tmp_path / "resumed")], cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    state = tmp_path / "resumed" / "state.json"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        if state.exists() and json.loads(state.read_text())["epoch"] >= 2:
-            break
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    killed_at = json.loads(state.read_text())["epoch"]
+    killed_at = train_until_killed(tmp_path / "resumed", 2, *common)
     assert 2 <= killed_at < 6, "the run finished before it could be killed"
     resumed = run_training(*common, "--run-dir", tmp_path / "resumed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

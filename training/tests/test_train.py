@@ -1,17 +1,12 @@
 """Training as users run it: the CLI in a fresh process, on a real slice of CIFAR-10."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
 from training.export import SIGNATURE, existing_versions, predict_exported
-from training.tests.conftest import REPO, run_training
+from training.tests.conftest import run_training, train_until_killed
 
 SLICE = ["--train-limit", 1024, "--test-limit", 256]
 
@@ -166,24 +161,9 @@ def test_a_slice_smaller_than_one_batch_is_an_error_not_an_endless_epoch(data_di
     assert "error: 100 training images do not fill one batch of 1024" in result.stderr
 
 
-def train_until_killed(run_dir, data_dir, kill_after_epoch):
-    """Start the CLI, SIGKILL it once `kill_after_epoch` epochs are checkpointed."""
-    args = [sys.executable, "-m", "training.train", "--config", "tiny", "--epochs", 4, "--deterministic",
-            "--data", data_dir, "--run-dir", run_dir, *SLICE]
-    process = subprocess.Popen(list(map(str, args)), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = run_dir / "state.json"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        if state.exists() and json.loads(state.read_text())["epoch"] >= kill_after_epoch:
-            break
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    return json.loads(state.read_text())["epoch"]
-
-
 def test_kill_9_then_resume_ends_where_an_uninterrupted_run_does(data_dir, tmp_path):
-    killed_at = train_until_killed(tmp_path / "interrupted", data_dir, kill_after_epoch=2)
+    killed_at = train_until_killed(tmp_path / "interrupted", 2, "--config", "tiny", "--epochs", 4, "--deterministic",
+                                   "--data", data_dir, *SLICE)
     assert 2 <= killed_at < 4, "the run finished before it could be killed"
     resumed = run_training("--config", "tiny", "--epochs", 4, "--deterministic", "--data", data_dir,
                            "--run-dir", tmp_path / "interrupted", *SLICE)
