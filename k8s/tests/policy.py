@@ -165,7 +165,8 @@ def check_probes(objs):
 
 
 def check_security(objs):
-    """Non-root, no privilege escalation, all capabilities dropped, read-only root filesystem."""
+    """Non-root, no privilege escalation, all capabilities dropped, read-only root filesystem, no
+    service account token (no pod of the stack calls the Kubernetes API)."""
     out = []
     for w in workloads(objs):
         spec = pod_template(w)["spec"]
@@ -175,6 +176,8 @@ def check_security(objs):
                 out.append(f"{name(w)} uses {field}")
         if any("hostPath" in v for v in spec.get("volumes", [])):
             out.append(f"{name(w)} mounts a hostPath")
+        if spec.get("automountServiceAccountToken") is not False:
+            out.append(f"{name(w)} mounts a service account token it does not need")
         for c in containers(w):
             sc = {**pod_sc, **c.get("securityContext", {})}
             where = f"{name(w)} container {c['name']}"

@@ -56,6 +56,10 @@ def _root_user(objs):
     _pod(objs, "redis")["securityContext"]["runAsNonRoot"] = False
 
 
+def _token(objs):
+    del _pod(objs, "gateway")["automountServiceAccountToken"]
+
+
 def _escalation(objs):
     del _container(objs, "trainer")["securityContext"]["allowPrivilegeEscalation"]
 
@@ -164,6 +168,7 @@ BROKEN = [
     (_writable_root, "container tfserving: root filesystem is writable"),
     (_root_user, "container redis: runAsNonRoot is not true"),
     (_escalation, "container trainer: allowPrivilegeEscalation is not false"),
+    (_token, "Deployment/gateway mounts a service account token it does not need"),
     (_latest_tag, "image tensorflow/serving:latest is not pinned"),
     (_untagged, "image redis is not pinned"),
     (_mixed_versions, "the stack's images are at different versions"),
