@@ -218,6 +218,38 @@ def test_new_version_is_served_without_restart(stack):
     wait_until(lambda: served_version() == 1, what="fallback to version 1")
 
 
+def save_model_without_probabilities(path):
+    """A version that breaks the export contract: its signature answers `scores`, not `probabilities`."""
+    import tensorflow as tf
+
+    class Scores(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8, name="images")])
+        def serve(self, images):
+            batch = tf.shape(images)[0]
+            return {"scores": tf.fill([batch, 10], 0.1),
+                    "classes": tf.tile(tf.constant(CLASSES)[tf.newaxis], [batch, 1])}
+    module = Scores()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+
+
+def test_a_version_that_breaks_the_contract_fails_its_requests_not_the_workers(stack, tmp_path):
+    save_model_without_probabilities(tmp_path / "scores")
+    copy_version(tmp_path / "scores", stack.model_base_path, 2)
+    try:
+        wait_until(lambda: requests.get(f"{stack.gateway_url}/readyz", timeout=10).json().get("model_version") == 2,
+                   what="the broken version to load")
+        with ThreadPoolExecutor(4) as pool:  # batches of several jobs, each retried alone
+            responses = list(pool.map(lambda _: post_images(stack.gateway_url, [asset("frog.jpg")] * 3), range(4)))
+        for response in responses:
+            body = assert_error(response, 502, "inference_failed")
+            assert "could not be read" in body["error"]["message"]
+        assert service(stack, "worker-0").alive() and service(stack, "worker-1").alive()
+    finally:
+        shutil.rmtree(stack.model_base_path / "2")
+    wait_until(lambda: post_images(stack.gateway_url, [asset("frog.jpg")]).status_code == 200,
+               what="version 1 to serve again")
+
+
 def test_worker_killed_mid_batch_loses_no_request(stack, store):
     model_server = service(stack, "model-server")
     workers = [service(stack, "worker-0"), service(stack, "worker-1")]

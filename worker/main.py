@@ -38,16 +38,28 @@ def preprocess_jobs(entries: list[Entry], max_pixels: int) -> tuple[list[tuple[b
             ready.append((entry_id, job, preprocess(job.image, max_pixels)))
         except ImageError as exc:
             answered.append((entry_id, job, Result.failure(job.index, exc.code, str(exc))))
+        except Exception as exc:  # a decoder failing in a way nobody foresaw fails this image, not the batch
+            log.exception("preprocessing failed unexpectedly")
+            answered.append((entry_id, job, Result.failure(job.index, protocol.INVALID_IMAGE,
+                                                           f"the image could not be processed ({type(exc).__name__})")))
         metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - started)
     return ready, answered
 
 
 def predict_jobs(ready: list[tuple[bytes, Job, np.ndarray]], client: TFServingClient) -> list[Answered]:
-    """One Predict call for the whole batch; if it fails, every job in it gets the same error."""
+    """One Predict call for the whole batch. If the model server refuses it, every job gets that
+    error; if its answer cannot be read, the batch is retried job by job, so only the jobs that fail
+    on their own get an error (and the worker lives on)."""
     metrics.BATCH_SIZE.observe(len(ready))
     started = time.perf_counter()
     try:
         prediction = client.predict(np.stack([pixels for _, _, pixels in ready]))
+        return [
+            (entry_id, job, Result(index=job.index, model_version=prediction.model_version,
+                                   labels=tuple(prediction.labels[row]),
+                                   probabilities=tuple(round(float(p), 6) for p in prediction.probabilities[row])))
+            for row, (entry_id, job, _) in enumerate(ready)
+        ]
     except grpc.RpcError as exc:
         metrics.GRPC_ERRORS.labels(exc.code().name).inc()
         log.error("Predict failed: %s %s", exc.code().name, exc.details())
@@ -56,14 +68,15 @@ def predict_jobs(ready: list[tuple[bytes, Job, np.ndarray]], client: TFServingCl
         else:
             code, message = protocol.INFERENCE_FAILED, f"the model server rejected the batch: {exc.code().name}"
         return [(entry_id, job, Result.failure(job.index, code, message)) for entry_id, job, _ in ready]
+    except Exception as exc:  # e.g. a model version without the `probabilities` output
+        log.exception("unreadable Predict answer for a batch of %d", len(ready))
+        if len(ready) > 1:
+            return [answer for item in ready for answer in predict_jobs([item], client)]
+        entry_id, job, _ = ready[0]
+        return [(entry_id, job, Result.failure(job.index, protocol.INFERENCE_FAILED,
+                                               f"the model server's answer could not be read ({type(exc).__name__})"))]
     finally:
         metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
-    return [
-        (entry_id, job, Result(index=job.index, model_version=prediction.model_version,
-                               labels=tuple(prediction.labels[row]),
-                               probabilities=tuple(round(float(p), 6) for p in prediction.probabilities[row])))
-        for row, (entry_id, job, _) in enumerate(ready)
-    ]
 
 
 def process_batch(entries: list[Entry], client: TFServingClient, max_pixels: int) -> list[Answered]:
