@@ -71,7 +71,6 @@ def teacher_logits(teacher_dir, images, cache):
     return logits
 
 
-@keras.saving.register_keras_serializable("cifar10")
 class Distiller(keras.Model):
     """Trains `student` on alpha * cross-entropy(labels) + (1 - alpha) * T^2 * KL(teacher_T ||
     student_T), where _T is a softmax at temperature T (keras-io's knowledge distillation, with
