@@ -236,8 +236,9 @@ def test_a_version_that_breaks_the_contract_fails_its_requests_not_the_workers(s
     save_model_without_probabilities(tmp_path / "scores")
     copy_version(tmp_path / "scores", stack.model_base_path, 2)
     try:
-        wait_until(lambda: requests.get(f"{stack.gateway_url}/readyz", timeout=10).json().get("model_version") == 2,
-                   what="the broken version to load")
+        # Readiness may still name an earlier version 2 for a second: wait for this one to answer.
+        wait_until(lambda: post_images(stack.gateway_url, [asset("frog.jpg")]).status_code == 502,
+                   what="the broken version to be served")
         with ThreadPoolExecutor(4) as pool:  # batches of several jobs, each retried alone
             responses = list(pool.map(lambda _: post_images(stack.gateway_url, [asset("frog.jpg")] * 3), range(4)))
         for response in responses:
