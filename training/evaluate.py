@@ -64,10 +64,10 @@ def calibrate(model, config, validation):
     """The softmax temperature that minimizes the NLL on the validation split, that split's
     figures before and after it, and its accuracy under each test-time augmentation (what a
     choice of `tta` would buy)."""
-    probabilities = predict_keras(model, validation.images, config.tta)
+    by_tta = {tta: predict_keras(model, validation.images, tta) for tta in TTA}
+    probabilities = by_tta[config.tta]
     temperature = fit_temperature(log_probabilities(probabilities), validation.labels)
-    accuracy_by_tta = {tta: float((predict_keras(model, validation.images, tta).argmax(axis=1)
-                                   == validation.labels).mean()) for tta in TTA}
+    accuracy_by_tta = {tta: float((p.argmax(axis=1) == validation.labels).mean()) for tta, p in by_tta.items()}
     return temperature, {"images": int(len(validation.labels)), "temperature": temperature,
                          "before": summary(probabilities, validation.labels),
                          "after": summary(softmax(log_probabilities(probabilities), temperature),
