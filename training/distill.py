@@ -20,6 +20,7 @@ import numpy as np
 import keras
 from keras import ops
 
+from training.calibration import log_probabilities
 from training.data import load_cifar10
 
 TEACHER_LOGITS = "teacher-logits.npz"
@@ -39,19 +40,16 @@ def fingerprint(teacher_dir, images):
 def compute_teacher_logits(teacher_dir, images, batch_size=250):
     """log of the teacher's served probabilities: logits up to a per-image constant, which no
     softmax sees."""
-    import tensorflow as tf
-    from training.export import INPUT, SIGNATURE
-    serve = tf.saved_model.load(str(teacher_dir)).signatures[SIGNATURE]
-    out, started = [], time.perf_counter()
-    for i in range(0, len(images), batch_size):
-        probabilities = serve(**{INPUT: tf.constant(images[i:i + batch_size])})["probabilities"].numpy()
-        out.append(np.log(np.maximum(probabilities, 1e-30)))
-        done = min(i + batch_size, len(images))
+    from training.export import predict_exported
+    started = time.perf_counter()
+
+    def progress(done):
         rate = done / (time.perf_counter() - started)
         print(f"\rteacher {teacher_dir}: {done}/{len(images)} images, {rate:.0f}/s, "
               f"{(len(images) - done) / rate / 60:.1f} min left", end="", file=sys.stderr, flush=True)
+    probabilities = predict_exported(teacher_dir, images, batch_size, progress)
     print(file=sys.stderr)
-    return np.concatenate(out).astype(np.float32)
+    return log_probabilities(probabilities).astype(np.float32)
 
 
 def teacher_logits(teacher_dir, images, cache):

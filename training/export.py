@@ -120,10 +120,15 @@ def export_savedmodel(model, base_path, version=None, tta="none", temperature=1.
     return final
 
 
-def probabilities_in_batches(serve, images, batch_size=500):
-    """Run a serving function (exported or not) over uint8 images, batch by batch."""
-    return np.concatenate([serve(**{INPUT: tf.constant(images[i:i + batch_size])})["probabilities"].numpy()
-                           for i in range(0, len(images), batch_size)])
+def probabilities_in_batches(serve, images, batch_size=500, progress=None):
+    """Run a serving function (exported or not) over uint8 images, batch by batch; `progress`, if
+    given, is called with the number of images done after each batch."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        out.append(serve(**{INPUT: tf.constant(images[i:i + batch_size])})["probabilities"].numpy())
+        if progress:
+            progress(i + len(out[-1]))
+    return np.concatenate(out)
 
 
 def predict_keras(model, images, tta, batch_size=500, temperature=1.0):
@@ -131,7 +136,7 @@ def predict_keras(model, images, tta, batch_size=500, temperature=1.0):
     return probabilities_in_batches(tf.function(serving_function(model, tta, temperature)), images, batch_size)
 
 
-def predict_exported(export_dir, images, batch_size=500):
+def predict_exported(export_dir, images, batch_size=500, progress=None):
     """Probabilities from the exported SavedModel for uint8 images."""
     serve = tf.saved_model.load(str(export_dir)).signatures[SIGNATURE]
-    return probabilities_in_batches(serve, images, batch_size)
+    return probabilities_in_batches(serve, images, batch_size, progress)
