@@ -97,27 +97,34 @@ def serving_function(model, tta, temperature=1.0):
     return serve
 
 
-def export_savedmodel(model, base_path, version=None, tta="none", temperature=1.0):
-    """Write `model` as version `version` (default: the next integer) under base_path."""
+def write_version(base_path, write, version=None):
+    """Run `write(directory)` into a hidden staging directory under base_path, then rename it to
+    version `version` (default: the next integer), so a server polling base_path never loads half
+    a model."""
     base = Path(base_path)
     base.mkdir(parents=True, exist_ok=True)
     version = version or next_version(base)
     final = base / str(version)
     if final.exists():
         raise FileExistsError(f"{final} exists: versions are immutable, pick a new one")
-    # Not archive.track(model): the endpoint tracks the variables it uses, and tracking the model
-    # as well stores every weight twice.
-    archive = keras.export.ExportArchive()
-    archive.add_endpoint(SIGNATURE, serving_function(model, tta, temperature),
-                         input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8, name=INPUT)])
     staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=base))  # not an integer: servers skip it
     try:
-        archive.write_out(str(staging), verbose=False)
+        write(str(staging))
         os.chmod(staging, 0o755)
         os.rename(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+def export_savedmodel(model, base_path, version=None, tta="none", temperature=1.0):
+    """Write `model` as version `version` (default: the next integer) under base_path."""
+    # Not archive.track(model): the endpoint tracks the variables it uses, and tracking the model
+    # as well stores every weight twice.
+    archive = keras.export.ExportArchive()
+    archive.add_endpoint(SIGNATURE, serving_function(model, tta, temperature),
+                         input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8, name=INPUT)])
+    return write_version(base_path, lambda path: archive.write_out(path, verbose=False), version)
 
 
 def probabilities_in_batches(serve, images, batch_size=500, progress=None):

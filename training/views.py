@@ -11,19 +11,15 @@ against what the original serves, so a graph it does not understand is refused, 
 """
 
 import argparse
-import os
 import re
-import shutil
 import sys
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
 from training.data import CLASS_NAMES, load_cifar10
-from training.export import INPUT, SIGNATURE, TTA, next_version, predict_exported
+from training.export import INPUT, SIGNATURE, TTA, predict_exported, write_version
 
 # Keras names the k-th call of the model's last layer logits_<2k-1> in the traced graph.
 LOGITS = re.compile(r"^StatefulPartitionedCall/logits_(\d+)/add$")
@@ -75,18 +71,8 @@ def check_views(views, export_dir, images):
 def export_views(export_dir, tta, base_path, check_images):
     views = view_functions(export_dir)
     check_views(views, export_dir, check_images)
-    base = Path(base_path)
-    base.mkdir(parents=True, exist_ok=True)
-    final = base / str(next_version(base))
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=base))
-    try:
-        module = Views(views, tta)
-        tf.saved_model.save(module, str(staging), signatures={SIGNATURE: module.serve})
-        os.chmod(staging, 0o755)
-        os.rename(staging, final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
+    module = Views(views, tta)
+    return write_version(base_path, lambda path: tf.saved_model.save(module, path, signatures={SIGNATURE: module.serve}))
 
 
 def main(argv=None):
