@@ -18,9 +18,9 @@ import http.client
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -29,6 +29,8 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+
+from scripts.stack import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "tests" / "assets"
@@ -149,16 +151,12 @@ def measure(url: str, chosen: dict, concurrencies: list[int], seconds: float,
     return rates
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_reference_server(timeout_s: float = 120) -> tuple[subprocess.Popen, str]:
     port = free_port()
+    # Its log goes to a file: an unread pipe would block the server once TensorFlow filled it.
+    log = tempfile.TemporaryFile()
     process = subprocess.Popen([sys.executable, "-m", "scripts.reference_server", "--port", str(port)], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                               stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and process.poll() is None:
@@ -168,7 +166,9 @@ def start_reference_server(timeout_s: float = 120) -> tuple[subprocess.Popen, st
         except OSError:
             time.sleep(0.5)
     process.kill()
-    raise SystemExit(f"the reference server did not start: {process.stderr.read().decode()[-2000:]}")
+    process.wait()
+    log.seek(0)
+    raise SystemExit(f"the reference server did not start: {log.read().decode(errors='replace')[-2000:]}")
 
 
 def main() -> None:

@@ -6,8 +6,8 @@ import zipfile
 import pytest
 import redis
 
-from scripts.stack import LocalStack, Ports
-from tests.helpers import CIFAR_ZIP, CLASSES, SHIPPED_MODEL, TEST_SETTINGS, copy_version, free_port
+from scripts.stack import LocalStack, Ports, free_port
+from tests.helpers import CIFAR_ZIP, CLASSES, SHIPPED_MODEL, TEST_SETTINGS, copy_version
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 import os
 import shutil
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -22,12 +21,6 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 TEST_SETTINGS = {"CLAIM_IDLE_MS": "1500", "RESULT_TIMEOUT_S": "20", "MAX_UPLOAD_BYTES": str(2 * 1024 * 1024),
                  "MAX_IMAGES_PER_REQUEST": "8", "WEB_CONCURRENCY": "1", "GUNICORN_THREADS": "16",
                  "GRPC_TIMEOUT_S": "3"}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_until(condition, timeout_s: float = 60, interval_s: float = 0.2, what: str = "condition"):

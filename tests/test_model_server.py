@@ -7,7 +7,8 @@ import pytest
 from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
                                      predict_pb2, prediction_service_pb2_grpc)
 
-from tests.helpers import CLASSES, free_port
+from scripts.stack import free_port
+from tests.helpers import CLASSES
 from worker.preprocess import preprocess
 from worker.tfserving_client import TFServingClient, uint8_tensor
 

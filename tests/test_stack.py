@@ -13,8 +13,8 @@ import redis
 import requests
 
 from common import protocol
-from scripts.stack import LocalStack, Ports
-from tests.helpers import (ASSETS, CLASSES, SHIPPED_MODEL, asset, copy_version, free_port, post_images, restart,
+from scripts.stack import LocalStack, Ports, free_port
+from tests.helpers import (ASSETS, CLASSES, SHIPPED_MODEL, asset, copy_version, post_images, restart,
                             wait_until)
 
 
