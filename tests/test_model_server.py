@@ -9,6 +9,7 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb
 
 from scripts.stack import free_port
 from tests.helpers import CLASSES
+from worker import contract
 from worker.preprocess import preprocess
 from worker.tfserving_client import TFServingClient, uint8_tensor
 
@@ -94,3 +95,25 @@ def test_client_retries_unavailable_then_gives_up(caplog):
     closed.close()
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
     assert sum("retry" in record.message for record in caplog.records) == 2
+
+
+def test_the_served_signature_meets_the_workers_contract(client):
+    signature = client.signature(1)
+    assert contract.violations(signature) == []
+    versions = contract.ModelVersions(client)
+    assert versions.refresh() == 1 and versions.rejected(versions.available) == {}
+    assert versions.predict(np.zeros((2, 32, 32, 3), np.uint8)).probabilities.shape == (2, 10)
+
+
+@pytest.mark.parametrize("breakage, problem", [
+    (lambda s: s.outputs.pop("probabilities"), "no output 'probabilities' (has classes)"),
+    (lambda s: setattr(s.inputs["images"], "dtype", 1), "input 'images' is float32 [-1, 32, 32, 3], expected uint8"),
+    (lambda s: s.outputs["probabilities"].tensor_shape.dim[1].__setattr__("size", 100),
+     "output 'probabilities' is float32 [-1, 100], expected float32 [-1, 10]"),
+    (lambda s: s.inputs["mask"].CopyFrom(s.inputs["images"]), "extra inputs the worker does not send: mask"),
+])
+def test_contract_violations_are_named(client, breakage, problem):
+    signature = type(client.signature(1))()
+    signature.CopyFrom(client.signature(1))
+    breakage(signature)
+    assert any(found.startswith(problem) for found in contract.violations(signature)), contract.violations(signature)

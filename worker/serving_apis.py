@@ -21,8 +21,8 @@ _bare = None if "tensorflow" in sys.modules else bare_tensorflow_package()
 if _bare is not None:
     sys.modules["tensorflow"] = _bare
 try:
-    from tensorflow_serving.apis import (get_model_status_pb2, model_service_pb2_grpc, predict_pb2,  # noqa: F401
-                                         prediction_service_pb2_grpc)
+    from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2,  # noqa: F401
+                                         model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc)
 finally:
     if _bare is not None:
         del sys.modules["tensorflow"]

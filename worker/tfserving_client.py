@@ -1,4 +1,4 @@
-"""The one gRPC client for TF Serving: Predict and GetModelStatus, with deadlines and retries."""
+"""The one gRPC client for TF Serving: Predict, GetModelStatus and GetModelMetadata, with deadlines and retries."""
 import logging
 import time
 from dataclasses import dataclass
@@ -6,12 +6,14 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 # TensorFlow itself is never started: tensors are built and read as raw bytes.
-from worker.serving_apis import get_model_status_pb2, model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc
+from worker.serving_apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc, predict_pb2,
+                                 prediction_service_pb2_grpc)
 
 log = logging.getLogger(__name__)
 
 DT_UINT8 = 4  # tensorflow.DataType enum values
 DT_FLOAT = 1
+DT_STRING = 7
 INPUT_NAME = "images"  # the SavedModel contract: images uint8 [N,32,32,3] -> probabilities, classes
 CHANNEL_OPTIONS = [
     # Reconnect within a second once the model server is back, instead of gRPC's default of up to 2 minutes.
@@ -61,11 +63,13 @@ class TFServingClient:
         self.predictions = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
         self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
 
-    def predict(self, images: np.ndarray) -> Prediction:
-        """Class probabilities for a uint8 [N, 32, 32, 3] batch, from the latest served version."""
+    def predict(self, images: np.ndarray, version: int | None = None) -> Prediction:
+        """Class probabilities for a uint8 [N, 32, 32, 3] batch, from `version` (default: the latest)."""
         request = predict_pb2.PredictRequest()
         request.model_spec.name = self.model_name
         request.model_spec.signature_name = "serving_default"
+        if version is not None:
+            request.model_spec.version.value = version
         uint8_tensor(images, request.inputs[INPUT_NAME])
         response = self.call(self.predictions.Predict, request)
         return Prediction(
@@ -86,6 +90,16 @@ class TFServingClient:
             raise
         return sorted(s.version for s in response.model_version_status
                       if s.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE)
+
+    def signature(self, version: int):
+        """The version's `serving_default` SignatureDef, None if it has none."""
+        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        request.model_spec.name = self.model_name
+        request.model_spec.version.value = version
+        response = self.call(self.predictions.GetModelMetadata, request, retries=0)
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        response.metadata["signature_def"].Unpack(signatures)
+        return signatures.signature_def["serving_default"] if "serving_default" in signatures.signature_def else None
 
     def call(self, method, request, retries: int | None = None):
         """One RPC with a deadline per attempt, retried with exponential backoff while UNAVAILABLE."""
