@@ -4,8 +4,15 @@ Flow: the gateway XADDs one job per image to the JOB_STREAM stream (at most QUEU
 waiting or in progress), then blocks on the request's result list. Workers read jobs through the
 JOB_GROUP consumer group, RPUSH one result per job onto `result_key(request_id)` (a list that
 expires after RESULT_TTL_S), and only then XACK + XDEL the job. A job left pending by a dead
-worker is reclaimed with XAUTOCLAIM by another one, so delivery is at-least-once.
+worker is reclaimed with XCLAIM by another one, so delivery is at-least-once; a job delivered
+MAX_DELIVERIES times without an answer (it killed every worker that took it) goes to the
+DEAD_LETTER_STREAM instead and its caller gets JOB_FAILED.
 A job whose deadline has passed is dropped unprocessed: its caller has already answered 504.
+
+QUEUE_BYTES_KEY counts the image bytes of the jobs in JOB_STREAM: the gateway adds in the same
+script that queues them, workers subtract in the same transaction that deletes them. Jobs deleted
+any other way (malformed entries, a flushed Redis) make it drift, so the gateway resets it to 0
+whenever the stream is empty.
 """
 import json
 import time
@@ -16,6 +23,10 @@ from common.settings import env_str
 STREAM = env_str("JOB_STREAM")
 GROUP = env_str("JOB_GROUP")
 RESULT_KEY_PREFIX = env_str("RESULT_KEY_PREFIX")
+QUEUE_BYTES_KEY = env_str("QUEUE_BYTES_KEY", "cifar10:queue-bytes")
+DEAD_LETTER_STREAM = env_str("DEAD_LETTER_STREAM", "cifar10:dead-letter")
+DEAD_LETTER_MAXLEN = 1000  # the newest poison jobs, kept for inspection (XRANGE) with their images
+MAX_DELIVERIES = 3
 # Set by workers while the model server reports a loaded version; the gateway's readiness and
 # its fast 503 depend on it, so it expires soon after the last worker stops seeing a model.
 MODEL_STATUS_KEY = env_str("MODEL_STATUS_KEY", "cifar10:model-status")
@@ -35,6 +46,7 @@ INVALID_IMAGE = "invalid_image"
 IMAGE_TOO_LARGE = "image_too_large"
 MODEL_UNAVAILABLE = "model_unavailable"
 INFERENCE_FAILED = "inference_failed"
+JOB_FAILED = "job_failed"  # dead-lettered: processing it killed MAX_DELIVERIES workers
 
 
 def now_ms() -> int:

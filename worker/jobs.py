@@ -13,6 +13,20 @@ log = logging.getLogger(__name__)
 
 Entry = tuple[bytes, Job]  # stream entry id, job
 POLL_INTERVAL_S = 0.0005
+# Atomic, so a consumer cannot receive a job between the check and the delete (which would drop
+# that job from the pending list, where nobody could reclaim it).
+FORGET_IDLE_CONSUMERS = """
+local removed = 0
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
+  if info['pending'] == 0 and info['idle'] > tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    removed = removed + 1
+  end
+end
+return removed
+"""
 
 
 def parse_entries(raw_entries) -> tuple[list[Entry], list[bytes]]:
@@ -34,8 +48,8 @@ class JobStream:
         self.max_batch = max_batch
         self.max_wait_ms = max_wait_ms
         self.claim_idle_ms = claim_idle_ms
-        self.claim_cursor = "0-0"
         self.next_claim_at = 0.0
+        self.forget_script = client.register_script(FORGET_IDLE_CONSUMERS)
 
     def ensure_group(self) -> None:
         try:
@@ -75,21 +89,56 @@ class JobStream:
         return jobs
 
     def reclaim_stale(self) -> list[Entry]:
-        """XAUTOCLAIM jobs left pending longer than claim_idle_ms (their worker died mid-batch)."""
+        """Takes over jobs left pending longer than claim_idle_ms (their worker died mid-batch).
+
+        XPENDING gives each job's delivery count: a job already delivered MAX_DELIVERIES times
+        killed every worker that took it, so it goes to the dead-letter stream instead of killing
+        this one too, and its caller gets an answer now rather than a timeout.
+        """
         if time.monotonic() < self.next_claim_at:
             return []
-        cursor, raw_entries, deleted = self.redis.xautoclaim(
-            protocol.STREAM, protocol.GROUP, self.consumer, min_idle_time=self.claim_idle_ms,
-            start_id=self.claim_cursor, count=self.max_batch)
-        self.claim_cursor = cursor
-        if cursor in (b"0-0", "0-0"):  # scanned the whole pending list: rest a while before the next scan
-            self.next_claim_at = time.monotonic() + min(1.0, self.claim_idle_ms / 2000)
-        jobs, unusable = parse_entries(raw_entries)
-        self.drop(unusable + list(deleted))
+        self.next_claim_at = time.monotonic() + min(1.0, self.claim_idle_ms / 2000)
+        pending = self.redis.xpending_range(protocol.STREAM, protocol.GROUP, "-", "+", self.max_batch,
+                                            idle=self.claim_idle_ms)
+        if not pending:
+            self.forget_dead_consumers()
+            return []
+        claimed = self.redis.xclaim(protocol.STREAM, protocol.GROUP, self.consumer, self.claim_idle_ms,
+                                    [p["message_id"] for p in pending])
+        deliveries = {p["message_id"]: p["times_delivered"] for p in pending}
+        jobs, unusable = parse_entries(entry for entry in claimed if entry and entry[1])  # deleted: no fields
+        self.drop(unusable)
+        poisoned = [(entry_id, job) for entry_id, job in jobs if deliveries[entry_id] >= protocol.MAX_DELIVERIES]
+        if poisoned:
+            self.dead_letter(poisoned)
+        jobs = [(entry_id, job) for entry_id, job in jobs if deliveries[entry_id] < protocol.MAX_DELIVERIES]
         if jobs:
             log.warning("reclaimed %d stale jobs", len(jobs))
             metrics.RECLAIMED_JOBS.inc(len(jobs))
         return jobs
+
+    def dead_letter(self, poisoned: list[Entry]) -> None:
+        """Moves jobs to the dead-letter stream and answers their callers, in one transaction."""
+        log.error("dead-lettering %d jobs delivered %d times without an answer: %s", len(poisoned),
+                  protocol.MAX_DELIVERIES, ", ".join(f"{job.request_id}/{job.index}" for _, job in poisoned))
+        metrics.DEAD_LETTERED_JOBS.inc(len(poisoned))
+        with self.redis.pipeline(transaction=True) as pipe:
+            for entry_id, job in poisoned:
+                pipe.xadd(protocol.DEAD_LETTER_STREAM, {**job.fields(), b"entry_id": entry_id,
+                                                        b"consumer": self.consumer.encode()},
+                          maxlen=protocol.DEAD_LETTER_MAXLEN, approximate=True)
+            self.finish_in(pipe, [(entry_id, job, Result.failure(
+                job.index, protocol.JOB_FAILED,
+                f"processing this image stopped {protocol.MAX_DELIVERIES} workers; it was set aside and will "
+                "not be retried")) for entry_id, job in poisoned])
+            pipe.execute()
+
+    def forget_dead_consumers(self) -> None:
+        """Removes consumers that hold no job and have had none for a while: killed workers, whose
+        names would pile up in the group. Harmless to a live one: its next read adds it back."""
+        removed = self.forget_script(keys=[protocol.STREAM], args=[protocol.GROUP, 2 * self.claim_idle_ms])
+        if removed:
+            log.info("removed %d idle consumers holding no job", removed)
 
     def finish(self, answered: list[tuple[bytes, Job, Result | None]]) -> None:
         """Writes the results, then acknowledges and deletes the jobs, atomically (MULTI/EXEC).
@@ -100,15 +149,20 @@ class JobStream:
         if not answered:
             return
         with self.redis.pipeline(transaction=True) as pipe:
-            for _, job, result in answered:
-                if result is not None:
-                    key = protocol.result_key(job.request_id)
-                    pipe.rpush(key, result.encode())
-                    pipe.expire(key, protocol.RESULT_TTL_S)
-            ids = [entry_id for entry_id, _, _ in answered]
-            pipe.xack(protocol.STREAM, protocol.GROUP, *ids)
-            pipe.xdel(protocol.STREAM, *ids)
+            self.finish_in(pipe, answered)
             pipe.execute()
+
+    @staticmethod
+    def finish_in(pipe, answered: list[tuple[bytes, Job, Result | None]]) -> None:
+        for _, job, result in answered:
+            if result is not None:
+                key = protocol.result_key(job.request_id)
+                pipe.rpush(key, result.encode())
+                pipe.expire(key, protocol.RESULT_TTL_S)
+        ids = [entry_id for entry_id, _, _ in answered]
+        pipe.xack(protocol.STREAM, protocol.GROUP, *ids)
+        pipe.xdel(protocol.STREAM, *ids)
+        pipe.decrby(protocol.QUEUE_BYTES_KEY, sum(len(job.image) for _, job, _ in answered))
 
     def drop(self, entry_ids: list[bytes]) -> None:
         if entry_ids:
