@@ -1,7 +1,9 @@
 """Flask app factory for the gateway: `gunicorn -c gateway/gunicorn.conf.py "gateway.app:create_app()"`."""
 import json
 import logging
+import threading
 import time
+from contextlib import contextmanager
 
 import redis
 from flask import Flask, Response, g, request
@@ -22,6 +24,7 @@ RESULT_ERROR_STATUS = {
     protocol.IMAGE_TOO_LARGE: 422,
     protocol.MODEL_UNAVAILABLE: 503,
     protocol.INFERENCE_FAILED: 502,
+    protocol.JOB_FAILED: 502,
 }
 
 
@@ -37,6 +40,31 @@ def json_response(body: dict, status: int = 200, headers: dict | None = None) ->
 
 def error_body(code: str, message: str) -> dict:
     return {"success": False, "error": {"code": code, "message": message}}
+
+
+class UploadBudget:
+    """Bounds the request bodies one process holds at once, in bytes. Each thread could otherwise
+    hold a MAX_UPLOAD_BYTES body (and the copies made while reading it): 32 threads x 10 MiB is
+    more than the pod's memory limit. A body is held from reading until its jobs are in Redis."""
+
+    def __init__(self, capacity: int, retry_after_s: int):
+        self.capacity, self.free, self.retry_after_s = capacity, capacity, retry_after_s
+        self.changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, size: int):
+        size = min(size, self.capacity)
+        with self.changed:
+            if not self.changed.wait_for(lambda: self.free >= size, timeout=self.retry_after_s):
+                raise ApiError(503, "queue_full", "the gateway is receiving too many large uploads; retry shortly",
+                               retry_after=self.retry_after_s)
+            self.free -= size
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.free += size
+                self.changed.notify_all()
 
 
 def ranked_predictions(result: Result, top_k: int) -> list[dict]:
@@ -93,6 +121,23 @@ def predict_response(results: list[Result], top_k: int, retry_after_s: int) -> R
                           "results": [image_body(r, top_k) for r in results]})
 
 
+def deep_readiness(queue: JobQueue) -> Response:
+    """200 when Redis answers and the workers see a model version that meets the serving contract."""
+    try:
+        status = queue.model_status()
+        depth, queued_bytes = queue.depth(), queue.queued_bytes()
+    except redis.RedisError:
+        return json_response({"ready": False, "reason": "redis unreachable"}, 503)
+    body = {"queue_depth": depth, "queue_bytes": queued_bytes}
+    if status is None:
+        return json_response({"ready": False, "reason": "no model version loaded", **body}, 503)
+    if status["version"] is None:
+        return json_response({"ready": False, "reason": "no loaded model version meets the serving contract",
+                              "rejected_versions": status["rejected"], **body}, 503)
+    return json_response({"ready": True, "model_version": status["version"],
+                          "rejected_versions": status["rejected"], **body})
+
+
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     app = Flask(__name__)
@@ -100,23 +145,29 @@ def create_app(settings: Settings | None = None) -> Flask:
     # The read timeout outlasts the longest BLPOP, so only a hung Redis trips it.
     store = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2,
                                  socket_timeout=settings.result_timeout_s + 5, health_check_interval=30)
-    queue = JobQueue(store, settings.queue_maxlen, settings.result_timeout_s)
+    queue = JobQueue(store, settings.queue_maxlen, settings.queue_max_bytes, settings.result_timeout_s)
+    budget = UploadBudget(settings.upload_budget_bytes, settings.retry_after_s)
+
+    def enqueue() -> tuple[str, int]:
+        """Reads the upload and queues its images; the body is freed when this returns."""
+        with budget.hold(request.content_length or settings.max_upload_bytes):
+            images = read_images(settings.max_images_per_request)
+            metrics.IMAGES.inc(len(images))
+            try:
+                return queue.submit(images), len(images)
+            except QueueFull:
+                raise ApiError(503, "queue_full", "too many images in progress; retry shortly",
+                               retry_after=settings.retry_after_s) from None
+            except ModelUnavailable:
+                raise ApiError(503, "model_unavailable", "no model is being served right now; retry shortly",
+                               retry_after=settings.retry_after_s) from None
 
     @app.post("/predict")
     def predict():
         top_k = read_top_k()
-        images = read_images(settings.max_images_per_request)
-        metrics.IMAGES.inc(len(images))
+        request_id, count = enqueue()
         try:
-            request_id = queue.submit(images)
-        except QueueFull:
-            raise ApiError(503, "queue_full", "too many requests in progress; retry shortly",
-                           retry_after=settings.retry_after_s) from None
-        except ModelUnavailable:
-            raise ApiError(503, "model_unavailable", "no model is being served right now; retry shortly",
-                           retry_after=settings.retry_after_s) from None
-        try:
-            results = queue.results(request_id, len(images))
+            results = queue.results(request_id, count)
         except ResultTimeout:
             raise ApiError(504, "timeout", f"no result within {settings.result_timeout_s:g} s") from None
         return predict_response(results, top_k, settings.retry_after_s)
@@ -127,17 +178,16 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.get("/readyz")
     def readyz():
-        try:
-            status = queue.model_status()
-        except redis.RedisError:
-            return json_response({"ready": False, "reason": "redis unreachable"}, 503)
-        if status is None:
-            return json_response({"ready": False, "reason": "no model version loaded"}, 503)
-        return json_response({"ready": True, "model_version": json.loads(status)["version"]})
+        """Ready means this process answers, with a prediction or a JSON error: a Redis or model
+        server outage must not pull every gateway out of the load balancer, or clients would get
+        the ingress's HTML errors instead of ours. `?deep=1` also needs the dependencies up."""
+        if request.args.get("deep") != "1":
+            return json_response({"ready": True})
+        return deep_readiness(queue)
 
     @app.get("/metrics")
     def metrics_endpoint():
-        body, content_type = metrics.render(queue.depth)
+        body, content_type = metrics.render(queue)
         return Response(body, content_type=content_type)
 
     @app.before_request

@@ -1,4 +1,5 @@
 """The gateway's side of the Redis protocol (common/protocol.py): enqueue with backpressure, await results."""
+import json
 import time
 import uuid
 
@@ -7,21 +8,28 @@ import redis
 from common import protocol
 from common.protocol import Job, Result
 
-# One round trip that checks a model is being served and the queue has room, then adds every image
-# of the request, so a request is either queued whole or refused whole.
+# One round trip that checks a model is being served and the queue has room (in jobs and in image
+# bytes), then adds every image of the request, so a request is either queued whole or refused whole.
 ENQUEUE_SCRIPT = """
-if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
-local jobs, per_job = tonumber(ARGV[2]), tonumber(ARGV[3])
-if redis.call('XLEN', KEYS[1]) + jobs > tonumber(ARGV[1]) then return -2 end
+local status = redis.call('GET', KEYS[2])
+if not status or cjson.decode(status)['version'] == cjson.null then return -1 end
+local max_jobs, max_bytes, jobs, bytes, per_job = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]),
+  tonumber(ARGV[4]), tonumber(ARGV[5])
+local depth = redis.call('XLEN', KEYS[1])
+local queued_bytes = tonumber(redis.call('GET', KEYS[3]) or '0')
+if depth == 0 or queued_bytes < 0 then queued_bytes = 0 end
+if depth + jobs > max_jobs then return -2 end
+if queued_bytes + bytes > max_bytes then return -3 end
 for i = 0, jobs - 1 do
-  redis.call('XADD', KEYS[1], '*', unpack(ARGV, 4 + i * per_job, 3 + (i + 1) * per_job))
+  redis.call('XADD', KEYS[1], '*', unpack(ARGV, 6 + i * per_job, 5 + (i + 1) * per_job))
 end
+redis.call('SET', KEYS[3], queued_bytes + bytes)
 return jobs
 """
 
 
 class QueueFull(Exception):
-    pass
+    """The queue holds too many jobs, or too many image bytes, for this request."""
 
 
 class ModelUnavailable(Exception):
@@ -33,9 +41,10 @@ class ResultTimeout(Exception):
 
 
 class JobQueue:
-    def __init__(self, client: redis.Redis, maxlen: int, timeout_s: float):
+    def __init__(self, client: redis.Redis, maxlen: int, max_bytes: int, timeout_s: float):
         self.redis = client
         self.maxlen = maxlen
+        self.max_bytes = max_bytes
         self.timeout_s = timeout_s
         self.enqueue_script = client.register_script(ENQUEUE_SCRIPT)
 
@@ -47,11 +56,15 @@ class JobQueue:
         for index, image in enumerate(images):
             for field, value in Job(request_id, index, deadline_ms, image).fields().items():
                 args += [field, value]
-        answer = self.enqueue_script(keys=[protocol.STREAM, protocol.MODEL_STATUS_KEY],
-                                     args=[self.maxlen, len(images), len(args) // len(images), *args])
+        try:
+            answer = self.enqueue_script(
+                keys=[protocol.STREAM, protocol.MODEL_STATUS_KEY, protocol.QUEUE_BYTES_KEY],
+                args=[self.maxlen, self.max_bytes, len(images), sum(map(len, images)), len(args) // len(images), *args])
+        except redis.exceptions.OutOfMemoryError:  # Redis at maxmemory (noeviction): refused, nothing evicted
+            raise QueueFull() from None
         if answer == -1:
             raise ModelUnavailable()
-        if answer == -2:
+        if answer in (-2, -3):
             raise QueueFull()
         return request_id
 
@@ -74,5 +87,10 @@ class JobQueue:
     def depth(self) -> int:
         return self.redis.xlen(protocol.STREAM)
 
-    def model_status(self) -> bytes | None:
-        return self.redis.get(protocol.MODEL_STATUS_KEY)
+    def queued_bytes(self) -> int:
+        return int(self.redis.get(protocol.QUEUE_BYTES_KEY) or 0) if self.depth() else 0
+
+    def model_status(self) -> dict | None:
+        """What the workers last saw on the model server (see worker.main.model_status)."""
+        raw = self.redis.get(protocol.MODEL_STATUS_KEY)
+        return json.loads(raw) if raw else None

@@ -1,7 +1,8 @@
 """The gateway's Prometheus metrics, aggregated over gunicorn's worker processes.
 
 gunicorn.conf.py sets PROMETHEUS_MULTIPROC_DIR before any worker imports prometheus_client, so the
-counters below are shared through files; queue depth is read from Redis at scrape time.
+counters below are shared through files; the queue and model state are read from Redis at scrape
+time, so a dashboard sees a Redis outage (gateway_redis_up 0) while /readyz stays green.
 """
 import os
 
@@ -15,24 +16,28 @@ PREDICT_SECONDS = Histogram("gateway_predict_seconds", "POST /predict latency, w
 IMAGES = Counter("gateway_images_total", "Images received in POST /predict")
 
 
-class QueueDepthCollector:
-    def __init__(self, depth):
-        self.depth = depth
+class DependencyCollector:
+    def __init__(self, queue):
+        self.queue = queue
 
     def collect(self):
-        gauge = GaugeMetricFamily("gateway_queue_depth", "Jobs waiting or in progress in the Redis stream")
         try:
-            gauge.add_metric([], self.depth())
-        except Exception:  # Redis down: scrape the other metrics anyway, without this one
+            depth, queued_bytes, status = self.queue.depth(), self.queue.queued_bytes(), self.queue.model_status()
+        except Exception:  # Redis down: scrape the other metrics anyway
+            yield GaugeMetricFamily("gateway_redis_up", "Redis answered this scrape", value=0)
             return
-        yield gauge
+        yield GaugeMetricFamily("gateway_redis_up", "Redis answered this scrape", value=1)
+        yield GaugeMetricFamily("gateway_queue_depth", "Jobs waiting or in progress in the Redis stream", value=depth)
+        yield GaugeMetricFamily("gateway_queue_bytes", "Image bytes waiting or in progress", value=queued_bytes)
+        yield GaugeMetricFamily("gateway_model_version", "Version the workers serve (0: none meets the contract "
+                                "or none is loaded)", value=(status or {}).get("version") or 0)
 
 
-def render(depth) -> tuple[bytes, str]:
+def render(queue) -> tuple[bytes, str]:
     registry = CollectorRegistry()
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         MultiProcessCollector(registry)
     else:  # a single process (no gunicorn config): its own registry is the whole story
         registry.register(REGISTRY)
-    registry.register(QueueDepthCollector(depth))
+    registry.register(DependencyCollector(queue))
     return generate_latest(registry), CONTENT_TYPE_LATEST
