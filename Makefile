@@ -59,7 +59,7 @@ test: setup data ## Run the whole test suite (real redis-server, gunicorn, gRPC,
 
 # ---- Serving: the local stack as processes (scripts/stack.py), logs in .stack/logs/ ----
 WORKERS ?= 2
-.PHONY: up down bench-serve
+.PHONY: up down bench-serve chaos soak
 
 up: setup ## Start redis, model server, workers (WORKERS=2) and gateway on :5000; wait for /readyz
 	$(PY) -m scripts.stack up --workers $(WORKERS) --model-base-path $(MODEL_BASE_PATH)
@@ -70,18 +70,35 @@ down: ## Stop everything `make up` started
 bench-serve: ## Load-test the running stack (make up first), then the seed's one-process server: req/s, p50/p99, batch size, ratio
 	$(PY) -m scripts.bench_serve
 
+chaos: setup ## Own stack under load while a worker, Redis, the model server and gunicorn's workers fail [SECONDS=60]; report in runs/chaos
+	$(PY) -m scripts.chaos chaos $(if $(SECONDS),--seconds $(SECONDS))
+
+soak: setup ## Own stack at half its capacity for SECONDS (600): RSS of every process, Redis memory, slopes, plot in runs/soak
+	$(PY) -m scripts.chaos soak $(if $(SECONDS),--seconds $(SECONDS)) $(if $(RATE),--rate $(RATE))
+
 # ---- Deployment: docker compose and Kubernetes (k8s/), validated offline ----
 K8S_VERSION ?= 1.32.0
 K8S_NAMESPACE ?= cifar10
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
-.PHONY: validate compose-up compose-down train-k8s
+K8S_SECRET ?= k8s/overlays/production/redis-password.env
+.PHONY: validate k8s-secret compose-up compose-down train-k8s
 
+# Production does not render without the operator's password file, so the overlays are rendered
+# from a temporary copy of k8s/ that has a throwaway one (never the real file).
 validate: setup ## Check deployment offline: compose config, kustomize renders, strict k8s schemas, policy tests
 	docker-compose -f docker-compose.yml config -q && echo "docker-compose.yml: valid"
-	@set -eo pipefail; for dir in k8s k8s/base $(wildcard k8s/overlays/*); do \
-		kubectl kustomize $$dir | $(VENV)/bin/kubernetes-validate --strict --quiet --no-warn -k $(K8S_VERSION) -; \
+	@set -eo pipefail; tree=$$(mktemp -d); trap 'rm -rf "$$tree"' EXIT; \
+	$(PY) -c 'import sys; from k8s.tests.manifests import copy_tree; copy_tree(sys.argv[1])' "$$tree"; \
+	for dir in k8s k8s/base $(wildcard k8s/overlays/*); do \
+		kubectl kustomize "$$tree/$$dir" | $(VENV)/bin/kubernetes-validate --strict --quiet --no-warn -k $(K8S_VERSION) -; \
 		echo "$$dir: renders, passes the Kubernetes $(K8S_VERSION) schemas"; done
 	$(PY) -m pytest -q k8s/tests
+
+k8s-secret: ## Create the production Redis password: k8s/overlays/production/redis-password.env (git-ignored, mode 600); keeps an existing one
+	@if [ -e "$(K8S_SECRET)" ]; then echo "$(K8S_SECRET) exists; kept (delete it to rotate the password)"; \
+	else set -eo pipefail; password=$$(python3 -c 'import secrets; print(secrets.token_hex(32))'); \
+		(umask 077; printf 'REDIS_PASSWORD=%s\n' "$$password" > "$(K8S_SECRET)"); \
+		echo "wrote $(K8S_SECRET): kubectl apply -k k8s/ now deploys with this password"; fi
 
 compose-up: ## Build the images and start the stack in Docker, gateway on :5000 (compose v2 or Debian's v1)
 	$(COMPOSE) up --build --detach

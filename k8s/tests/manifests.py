@@ -1,6 +1,9 @@
 """Loading what the deployment tests check: kustomize renders, compose config, env files."""
+import atexit
 import functools
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -14,14 +17,22 @@ NAMESPACE = "cifar10"
 # The Kubernetes version the schemas are checked against.
 K8S_VERSION = "1.32.0"
 
+# The operator's production Redis password (git-ignored, `make k8s-secret`): the production
+# overlay (hence k8s/ and overlays/keda) does not render without it.
+PASSWORD_FILE = "redis-password.env"
+PRODUCTION_SECRET = K8S / "overlays" / "production" / PASSWORD_FILE
+# What the tests (and `make validate`) render production with instead: never the operator's.
+THROWAWAY_PASSWORD = "validation-only-throwaway-0123456789abcdef"
+
 # Every kustomization `kubectl apply -k` may be pointed at, with what it must deploy.
 # test_k8s_render fails if a kustomization is added without an entry here.
+# gpu: the trainer asks for a GPU; dev_secret: the development Redis password is acceptable.
 OVERLAYS = {
-    "k8s": {"gpu": True},
-    "k8s/base": {"gpu": False},
-    "k8s/overlays/production": {"gpu": True},
-    "k8s/overlays/cpu": {"gpu": False},
-    "k8s/overlays/keda": {"gpu": True, "keda": True},
+    "k8s": {"gpu": True, "dev_secret": False},
+    "k8s/base": {"gpu": False, "dev_secret": True},
+    "k8s/overlays/production": {"gpu": True, "dev_secret": False},
+    "k8s/overlays/cpu": {"gpu": False, "dev_secret": True},
+    "k8s/overlays/keda": {"gpu": True, "dev_secret": False, "keda": True},
 }
 
 
@@ -45,9 +56,28 @@ def kustomize(directory: Path | str) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
+def copy_tree(dest: Path, password: str | None = THROWAWAY_PASSWORD) -> Path:
+    """k8s/ copied under dest as a clean checkout has it (no password file), plus a production
+    password file with `password` unless it is None. Returns dest, the root overlays are under."""
+    shutil.copytree(K8S, Path(dest) / "k8s", ignore=shutil.ignore_patterns(
+        PASSWORD_FILE, "__pycache__", "tests", "trainjob", "*.py"))
+    if password is not None:
+        (Path(dest) / PRODUCTION_SECRET.relative_to(ROOT)).write_text(f"REDIS_PASSWORD={password}\n")
+    return Path(dest)
+
+
+@functools.lru_cache(maxsize=None)
+def render_root() -> Path:
+    """One copy of k8s/ with the throwaway password, for the whole test session."""
+    root = Path(tempfile.mkdtemp(prefix="k8s-render-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return copy_tree(root)
+
+
 @functools.lru_cache(maxsize=None)
 def rendered(overlay: str) -> tuple[dict, ...]:
-    return tuple(kustomize(ROOT / overlay))
+    """The objects of one kustomization ("k8s/overlays/cpu"), production with THROWAWAY_PASSWORD."""
+    return tuple(kustomize(render_root() / overlay))
 
 
 def compose(*args: str, env: dict | None = None, file: Path = COMPOSE_FILE):

@@ -4,6 +4,7 @@ Each rule takes the rendered objects (and the stack values where it needs them) 
 list of violations as sentences; an empty list means the rule holds. test_k8s_policy runs every
 rule on every overlay, and on deliberately broken copies to show that the rules can fail.
 """
+import base64
 import re
 from urllib.parse import urlsplit
 
@@ -12,9 +13,12 @@ WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
 GATEWAY, WORKER, REDIS, TFSERVING, TRAINER = "gateway", "worker", "redis", "tfserving", "trainer"
 OWN_IMAGES = ("cifar10/gateway", "cifar10/worker", "cifar10/trainer")
 GATEWAY_ENV = ("REDIS_URL", "MAX_UPLOAD_BYTES", "MAX_IMAGES_PER_REQUEST", "RESULT_TIMEOUT_S",
-               "QUEUE_MAXLEN", "GUNICORN_BIND", "WEB_CONCURRENCY")
+               "QUEUE_MAXLEN", "QUEUE_MAX_BYTES", "GUNICORN_BIND", "WEB_CONCURRENCY")
 WORKER_ENV = ("REDIS_URL", "TFSERVING_ADDRESS", "MODEL_NAME", "MAX_BATCH_SIZE",
               "MAX_BATCH_WAIT_MS", "GRPC_TIMEOUT_S", "WORKER_METRICS_PORT")
+# The base's development password (k8s/base/kustomization.yaml), refused where dev_secret is off.
+DEV_REDIS_PASSWORD = "dev-only-password"
+URL_SAFE = re.compile(r"[A-Za-z0-9._~-]+")
 QUANTITY = re.compile(r"^(\d+(\.\d+)?)(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")
 
 
@@ -506,11 +510,141 @@ def check_gpu(objs, gpu: bool):
     return out
 
 
-def violations(objs, stack, namespace, gpu, keda=False):
+# ---- Redis: secret, argv, memory -------------------------------------------------------------
+
+def redis_bytes(size: str) -> int:
+    """A Redis memory size: 1k = 1000, 1kb = 1024 (and m/mb, g/gb), case-insensitive."""
+    m = re.fullmatch(r"(\d+)([kmg]b?)?", str(size).strip().lower())
+    if not m:
+        raise ValueError(f"not a Redis memory size: {size!r}")
+    unit = m.group(2) or ""
+    scale = {"": 1, "k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9,
+             "kb": 2 ** 10, "mb": 2 ** 20, "gb": 2 ** 30}[unit]
+    return int(m.group(1)) * scale
+
+
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (512Mi, 1G, 1e9 not supported) in bytes."""
+    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?", str(quantity).strip())
+    if not m:
+        raise ValueError(f"not a memory quantity: {quantity!r}")
+    scale = {None: 1, "k": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9, "T": 10 ** 12,
+             "Ki": 2 ** 10, "Mi": 2 ** 20, "Gi": 2 ** 30, "Ti": 2 ** 40}[m.group(2)]
+    return int(m.group(1)) * scale
+
+
+def secret_vars(c) -> set[str]:
+    """Names of the container's environment variables that come from Secrets."""
+    return {v["name"] for v in c.get("env", []) if "secretKeyRef" in v.get("valueFrom", {})}
+
+
+def argv_lists(c):
+    """Every argument list the container's processes are started with: its command and args,
+    and the exec commands of its probes and lifecycle hooks."""
+    yield "command/args", c.get("command", []) + c.get("args", [])
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        if "exec" in c.get(probe, {}):
+            yield probe, c[probe]["exec"]["command"]
+    for hook, handler in c.get("lifecycle", {}).items():
+        if "exec" in handler:
+            yield hook, handler["exec"]["command"]
+
+
+def check_secrets_not_in_argv(objs):
+    """No secret reaches a process's argv (visible in `ps` on the node and in the pod spec):
+    no $(VAR) of a secret variable, which the kubelet expands into the arguments, and no
+    password flag of redis-server or redis-cli."""
+    out = []
+    for w in workloads(objs):
+        for c in containers(w):
+            secrets = secret_vars(c)
+            for where, argv in argv_lists(c):
+                for arg in argv:
+                    for var in re.findall(r"\$\((\w+)\)", arg):
+                        if var in secrets:
+                            out.append(f"{name(w)} container {c['name']} {where}: secret {var} "
+                                       "is expanded into argv")
+                    if (arg == "--requirepass" or re.search(r"--requirepass\s", arg)
+                            or re.search(r"redis-cli\b[^|;&\n]*\s(-a|--pass)\s", arg)
+                            or (argv[0].endswith("redis-cli") and arg in ("-a", "--pass"))):
+                        out.append(f"{name(w)} container {c['name']} {where}: a password flag "
+                                   "of redis in argv")
+    return out
+
+
+def redis_container(objs):
+    return container(workload(objs, REDIS), "redis")
+
+
+def check_redis(objs):
+    """Redis asks for a password, read from a config file on a memory volume written with umask
+    077; it persists with AOF every second; it has maxmemory with noeviction, above the gateway's
+    QUEUE_MAX_BYTES and below its own memory limit."""
+    out = []
+    sts = workload(objs, REDIS)
+    c = redis_container(objs)
+    argv = c.get("command", []) + c.get("args", [])
+    script = next((a for a in argv if "requirepass" in a), None)
+    if script is None:
+        out.append("redis is started without requirepass: it accepts any client")
+    else:
+        written = re.search(r"requirepass[^>]*>\s*(\S+)", script)
+        mounts = {m["mountPath"].rstrip("/"): m["name"] for m in c.get("volumeMounts", [])}
+        vols = {v["name"]: v for v in pod_template(sts)["spec"].get("volumes", [])}
+        path = written.group(1) if written else ""
+        mount = next((mounts[p] for p in mounts if path.startswith(p + "/")), None)
+        if mount is None or vols.get(mount, {}).get("emptyDir", {}).get("medium") != "Memory":
+            out.append(f"redis writes its password to {path or '?'}, not on a memory-backed emptyDir")
+        if "umask 077" not in script:
+            out.append("redis writes its password file without umask 077")
+        if f"redis-server {path}" not in script:
+            out.append(f"redis-server is not started with the config file {path}")
+    wanted = {"--appendonly": "yes", "--appendfsync": "everysec", "--maxmemory-policy": "noeviction"}
+    for option, value in wanted.items():
+        if flag(argv, option) != value:
+            out.append(f"redis {option} is {flag(argv, option)}, expected {value}")
+    maxmemory = flag(argv, "--maxmemory")
+    limit = c.get("resources", {}).get("limits", {}).get("memory")
+    gateway = workload(objs, GATEWAY)
+    queue_bytes = container_env(objs, gateway, container(gateway, "gateway")).get("QUEUE_MAX_BYTES")
+    if not maxmemory:
+        out.append("redis has no --maxmemory: a full queue would take the node's memory")
+    elif not limit or not queue_bytes:
+        out.append(f"redis memory limit {limit} or gateway QUEUE_MAX_BYTES {queue_bytes} missing")
+    elif not int(queue_bytes) < redis_bytes(maxmemory) < quantity_bytes(limit):
+        out.append(f"expected gateway QUEUE_MAX_BYTES {queue_bytes} < redis maxmemory {maxmemory} "
+                   f"< redis memory limit {limit}")
+    return out
+
+
+def check_redis_secret(objs, dev_secret: bool):
+    """The password is URL-safe (it goes into REDIS_URL); outside development overlays it is not
+    the base's development default and has at least 16 characters."""
+    out = []
+    c = redis_container(objs)
+    ref = next((v["valueFrom"]["secretKeyRef"] for v in c.get("env", [])
+                if v["name"] == "REDIS_PASSWORD" and "secretKeyRef" in v.get("valueFrom", {})), None)
+    secret = get(objs, "Secret", ref["name"]) if ref else None
+    if not secret or ref["key"] not in secret.get("data", {}):
+        return ["redis does not take REDIS_PASSWORD from a Secret"]
+    password = base64.b64decode(secret["data"][ref["key"]]).decode()
+    if not URL_SAFE.fullmatch(password):
+        out.append(f"{name(secret)} {ref['key']} has characters that are not URL-safe "
+                   "(it goes into REDIS_URL; a trailing newline?)")
+    if not dev_secret:
+        if password == DEV_REDIS_PASSWORD:
+            out.append(f"{name(secret)} ships the development password {DEV_REDIS_PASSWORD}")
+        elif len(password) < 16:
+            out.append(f"{name(secret)} {ref['key']} is shorter than 16 characters")
+    return out
+
+
+def violations(objs, stack, namespace, gpu, keda=False, dev_secret=False):
     """Every rule's violations for one rendered overlay."""
     keda_clients = ("ns:kubernetes.io/metadata.name=keda",) if keda else ()
     return (check_namespace(objs, namespace) + check_resources(objs) + check_probes(objs)
             + check_security(objs) + check_images(objs) + check_references(objs)
             + check_services(objs) + check_ingress(objs) + check_disruption_and_scaling(objs)
             + check_network_policies(objs, keda_clients) + check_stack_values(objs, stack)
-            + check_gpu(objs, gpu))
+            + check_gpu(objs, gpu) + check_secrets_not_in_argv(objs) + check_redis(objs)
+            + check_redis_secret(objs, dev_secret))

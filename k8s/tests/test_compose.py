@@ -95,17 +95,49 @@ def test_start_order_and_healthchecks(services):
         assert "HEALTHCHECK --" in (ROOT / service / "Dockerfile").read_text()
 
 
+def redis_script(services) -> str:
+    command = services["redis"]["command"]
+    assert command[:2] == ["sh", "-ec"]
+    return command[2].replace("$$", "$")  # compose's escape for a literal $
+
+
 def test_redis_password_is_one_value(services):
-    """REDIS_URL carries the password redis-server requires, including when it is overridden."""
+    """REDIS_URL carries the password redis-server requires, including when it is overridden;
+    redis-server reads it from the environment, into its config file, never from argv."""
     for config in (services, _config_with(REDIS_PASSWORD="s3cret")["services"]):
-        command = config["redis"]["command"]
-        password = command[command.index("--requirepass") + 1]
+        password = config["redis"]["environment"]["REDIS_PASSWORD"]
         assert config["redis"]["environment"]["REDISCLI_AUTH"] == password
+        assert not any(password in arg for arg in config["redis"]["command"])
+        assert "redis-cli ping" in " ".join(config["redis"]["healthcheck"]["test"])
         for service in ("gateway", "worker"):
             assert config[service]["environment"]["REDIS_URL"] == (
                 f"redis://:{password}@redis:{STACK['REDIS_PORT']}/0")
-    assert "--appendonly" in services["redis"]["command"]  # persistence
+    assert '"$REDIS_PASSWORD" > /run/redis/redis.conf' in redis_script(services)
+    assert "/run/redis" in services["redis"]["tmpfs"]  # the config file stays in memory
+    assert services["redis"]["read_only"] is True
     assert any(v.endswith(":/data:rw") for v in services["redis"]["volumes"])
+
+
+def test_redis_starts_as_in_kubernetes(services):
+    """Same start script, same settings (AOF every second, maxmemory, noeviction), same user."""
+    redis = policy.container(policy.workload(rendered("k8s"), "redis"), "redis")
+    assert services["redis"]["command"][:2] == redis["command"][:2]
+    assert redis_script(services) == redis["command"][2]
+    assert services["redis"]["command"][3:] == redis["command"][3:] + redis["args"]
+    pod = policy.pod_template(policy.workload(rendered("k8s"), "redis"))["spec"]["securityContext"]
+    assert services["redis"]["user"] == f"{pod['runAsUser']}:{pod['runAsGroup']}"
+
+
+def test_redis_memory_bounds_the_queue(services):
+    """QUEUE_MAX_BYTES (gateway) < Redis maxmemory (noeviction) < the redis container's mem_limit."""
+    args = services["redis"]["command"][3:]
+    assert policy.flag(args, "--maxmemory-policy") == "noeviction"
+    assert policy.flag(args, "--appendfsync") == "everysec"
+    assert policy.flag(args, "--appendonly") == "yes"
+    queue = int(env_of(services, "gateway")["QUEUE_MAX_BYTES"])
+    maxmemory = policy.redis_bytes(policy.flag(args, "--maxmemory"))
+    limit = policy.redis_bytes(str(services["redis"]["mem_limit"]).replace("m", "mb"))
+    assert queue < maxmemory < limit
 
 
 def _config_with(**env):

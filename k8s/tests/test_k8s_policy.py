@@ -1,4 +1,5 @@
 """The policy rules hold for every overlay, and each rule catches a deliberately broken copy."""
+import base64
 import copy
 import os
 import textwrap
@@ -6,8 +7,8 @@ import textwrap
 import pytest
 
 from k8s.tests import policy
-from k8s.tests.manifests import NAMESPACE, OVERLAYS, ROOT, STACK_ENV, kustomize, read_env_file
-from k8s.tests.manifests import rendered
+from k8s.tests.manifests import NAMESPACE, OVERLAYS, STACK_ENV, kustomize, read_env_file
+from k8s.tests.manifests import render_root, rendered
 
 STACK = read_env_file(STACK_ENV)
 
@@ -160,6 +161,83 @@ def _default_namespace(objs):
     del policy.get(objs, "Service", "redis")["metadata"]["namespace"]
 
 
+def _config_map(objs, service):
+    return next(o for o in objs if o["kind"] == "ConfigMap"
+                and o["metadata"]["name"].startswith(f"{service}-config"))
+
+
+def _redis_secret(objs):
+    ref = _container(objs, "redis")["env"][0]["valueFrom"]["secretKeyRef"]
+    return policy.get(objs, "Secret", ref["name"])
+
+
+def _redis_args(objs):
+    return _container(objs, "redis")["args"]
+
+
+def _redis_script(objs):
+    return _container(objs, "redis")["command"]
+
+
+def _requirepass_in_argv(objs):
+    _redis_args(objs).extend(["--requirepass", "$(REDIS_PASSWORD)"])
+
+
+def _redis_cli_password_in_argv(objs):
+    _container(objs, "redis")["readinessProbe"]["exec"]["command"] = [
+        "sh", "-c", "redis-cli -a \"$REDISCLI_AUTH\" ping | grep -q PONG"]
+
+
+def _secret_expanded_in_args(objs):
+    _container(objs, "worker")["args"] = ["--redis", "$(REDIS_PASSWORD)"]
+
+
+def _no_requirepass(objs):
+    c = _container(objs, "redis")
+    c["command"] = ["redis-server"]
+
+
+def _password_on_disk(objs):
+    vol = next(v for v in _pod(objs, "redis")["volumes"] if v["name"] == "config")
+    vol["emptyDir"] = {}
+
+
+def _no_umask(objs):
+    _redis_script(objs)[2] = _redis_script(objs)[2].replace("umask 077", "umask 022")
+
+
+def _evicting(objs):
+    args = _redis_args(objs)
+    args[args.index("--maxmemory-policy") + 1] = "allkeys-lru"
+
+
+def _no_aof_fsync(objs):
+    args = _redis_args(objs)
+    args[args.index("--appendfsync") + 1] = "no"
+
+
+def _maxmemory_over_limit(objs):
+    args = _redis_args(objs)
+    args[args.index("--maxmemory") + 1] = "600mb"
+
+
+def _no_maxmemory(objs):
+    args = _redis_args(objs)
+    del args[args.index("--maxmemory"):args.index("--maxmemory") + 2]
+
+
+def _queue_over_maxmemory(objs):
+    _config_map(objs, "gateway")["data"]["QUEUE_MAX_BYTES"] = str(400 * 1024 * 1024)
+
+
+def _dev_password(objs):
+    _redis_secret(objs)["data"]["REDIS_PASSWORD"] = base64.b64encode(b"dev-only-password").decode()
+
+
+def _password_with_newline(objs):
+    _redis_secret(objs)["data"]["REDIS_PASSWORD"] = base64.b64encode(b"0123456789abcdef\n").decode()
+
+
 BROKEN = [
     (_drop_limits, "Deployment/worker container worker: no limits.cpu"),
     (_drop_init_requests, "container seed-model: no requests.cpu"),
@@ -190,6 +268,21 @@ BROKEN = [
     (_no_pdb, "no PodDisruptionBudget covers Deployment/gateway"),
     (_body_size, "proxy-body-size 1m is below MAX_UPLOAD_BYTES"),
     (_default_namespace, "Service/redis is not in namespace cifar10"),
+    (_requirepass_in_argv, "container redis command/args: secret REDIS_PASSWORD is expanded into argv"),
+    (_requirepass_in_argv, "container redis command/args: a password flag of redis in argv"),
+    (_redis_cli_password_in_argv, "container redis readinessProbe: a password flag of redis in argv"),
+    (_secret_expanded_in_args, "container worker command/args: secret REDIS_PASSWORD is expanded"),
+    (_no_requirepass, "redis is started without requirepass: it accepts any client"),
+    (_password_on_disk, "redis writes its password to /run/redis/redis.conf, not on a memory-backed"),
+    (_no_umask, "redis writes its password file without umask 077"),
+    (_evicting, "redis --maxmemory-policy is allkeys-lru, expected noeviction"),
+    (_no_aof_fsync, "redis --appendfsync is no, expected everysec"),
+    (_maxmemory_over_limit, "expected gateway QUEUE_MAX_BYTES 268435456 < redis maxmemory 600mb < "
+                            "redis memory limit 512Mi"),
+    (_no_maxmemory, "redis has no --maxmemory"),
+    (_queue_over_maxmemory, "expected gateway QUEUE_MAX_BYTES 419430400 < redis maxmemory 384mb"),
+    (_dev_password, "ships the development password dev-only-password"),
+    (_password_with_newline, "REDIS_PASSWORD has characters that are not URL-safe"),
 ]
 
 
@@ -210,7 +303,7 @@ def test_broken_overlay_rendered_by_kustomize_is_caught(tmp_path):
     """End to end through the real kustomize: an overlay that lets the trainer reach Redis."""
     (tmp_path / "kustomization.yaml").write_text(textwrap.dedent(f"""\
         resources:
-          - {os.path.relpath(ROOT / "k8s/overlays/production", tmp_path)}
+          - {os.path.relpath(render_root() / "k8s/overlays/production", tmp_path)}
         patches:
           - target: {{kind: NetworkPolicy, name: redis}}
             patch: |-
