@@ -15,7 +15,8 @@ OWN_IMAGES = ("cifar10/gateway", "cifar10/worker", "cifar10/trainer")
 GATEWAY_ENV = ("REDIS_URL", "MAX_UPLOAD_BYTES", "MAX_IMAGES_PER_REQUEST", "RESULT_TIMEOUT_S",
                "QUEUE_MAXLEN", "QUEUE_MAX_BYTES", "GUNICORN_BIND", "WEB_CONCURRENCY")
 WORKER_ENV = ("REDIS_URL", "TFSERVING_ADDRESS", "MODEL_NAME", "MAX_BATCH_SIZE",
-              "MAX_BATCH_WAIT_MS", "GRPC_TIMEOUT_S", "WORKER_METRICS_PORT")
+              "MAX_BATCH_WAIT_MS", "GRPC_TIMEOUT_S", "GRPC_RETRIES", "CLAIM_IDLE_MS",
+              "WORKER_METRICS_PORT")
 # The base's development password (k8s/base/kustomization.yaml), refused where dev_secret is off.
 DEV_REDIS_PASSWORD = "dev-only-password"
 URL_SAFE = re.compile(r"[A-Za-z0-9._~-]+")
@@ -639,12 +640,59 @@ def check_redis_secret(objs, dev_secret: bool):
     return out
 
 
-def violations(objs, stack, namespace, gpu, keda=False, dev_secret=False):
+# ---- shutdown -------------------------------------------------------------------------------
+
+def prestop_sleep_s(c) -> float:
+    """Seconds the container's preStop hook sleeps (exec `sleep N` or the sleep action), else 0."""
+    hook = c.get("lifecycle", {}).get("preStop", {})
+    if "sleep" in hook:
+        return float(hook["sleep"]["seconds"])
+    command = hook.get("exec", {}).get("command", [])
+    if len(command) == 2 and command[0] in ("sleep", "/bin/sleep"):
+        return float(command[1])
+    return 0.0
+
+
+def check_shutdown(objs, timings):
+    """Pods get the time they need to stop cleanly. Gateway: its preStop sleep (endpoints removed
+    before SIGTERM) plus gunicorn's graceful_timeout plus a margin fit in the grace period.
+    Worker: the slowest batch (every Predict attempt timing out, plus backoff) plus a margin fits
+    in the grace period, and CLAIM_IDLE_MS outlasts it, or a batch still in progress is claimed
+    and processed twice. `timings` computes the services' times from their environment."""
+    out = []
+    gateway = workload(objs, GATEWAY)
+    gw = container(gateway, "gateway")
+    grace = pod_template(gateway)["spec"].get("terminationGracePeriodSeconds", 30)
+    sleep_s = prestop_sleep_s(gw)
+    graceful = timings.gateway(container_env(objs, gateway, gw))["graceful_timeout_s"]
+    if sleep_s <= 0:
+        out.append("gateway has no preStop sleep: SIGTERM may come before its endpoint is removed")
+    if grace < sleep_s + graceful + timings.GATEWAY_MARGIN_S:
+        out.append(f"gateway terminationGracePeriodSeconds {grace} < preStop {sleep_s:g} + "
+                   f"graceful_timeout {graceful:g} + margin {timings.GATEWAY_MARGIN_S}")
+
+    worker = workload(objs, WORKER)
+    wk = container(worker, "worker")
+    grace = pod_template(worker)["spec"].get("terminationGracePeriodSeconds", 30)
+    batch = timings.worker(container_env(objs, worker, wk))
+    if grace < batch["slowest_batch_s"] + timings.WORKER_MARGIN_S:
+        out.append(f"worker terminationGracePeriodSeconds {grace} < slowest batch "
+                   f"{batch['slowest_batch_s']:g} s + margin {timings.WORKER_MARGIN_S}")
+    if not batch["claim_idle_ms"] / 1000 > batch["slowest_batch_s"]:
+        out.append(f"worker CLAIM_IDLE_MS {batch['claim_idle_ms']} does not outlast the slowest "
+                   f"batch, GRPC_TIMEOUT_S x (GRPC_RETRIES + 1) + backoff = "
+                   f"{batch['slowest_batch_s']:g} s")
+    return out
+
+
+def violations(objs, stack, namespace, gpu, keda=False, dev_secret=False, timings=None):
     """Every rule's violations for one rendered overlay."""
+    if timings is None:
+        from k8s.tests import timings
     keda_clients = ("ns:kubernetes.io/metadata.name=keda",) if keda else ()
     return (check_namespace(objs, namespace) + check_resources(objs) + check_probes(objs)
             + check_security(objs) + check_images(objs) + check_references(objs)
             + check_services(objs) + check_ingress(objs) + check_disruption_and_scaling(objs)
             + check_network_policies(objs, keda_clients) + check_stack_values(objs, stack)
             + check_gpu(objs, gpu) + check_secrets_not_in_argv(objs) + check_redis(objs)
-            + check_redis_secret(objs, dev_secret))
+            + check_redis_secret(objs, dev_secret) + check_shutdown(objs, timings))

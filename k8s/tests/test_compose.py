@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from k8s.tests import policy
+from k8s.tests import policy, timings
 from k8s.tests.manifests import COMPOSE_FILE, ROOT, STACK_ENV, compose, compose_config
 from k8s.tests.manifests import read_env_file, rendered
 
@@ -138,6 +138,21 @@ def test_redis_memory_bounds_the_queue(services):
     maxmemory = policy.redis_bytes(policy.flag(args, "--maxmemory"))
     limit = policy.redis_bytes(str(services["redis"]["mem_limit"]).replace("m", "mb"))
     assert queue < maxmemory < limit
+
+
+def test_stop_grace_periods_cover_shutdown(services):
+    """docker stop waits 10 s by default; the gateway and the worker need longer (see timings)."""
+    def seconds(value):
+        assert str(value).endswith("s"), value
+        return float(str(value)[:-1])
+
+    gateway = timings.gateway(env_of(services, "gateway"))
+    assert seconds(services["gateway"]["stop_grace_period"]) >= (
+        gateway["graceful_timeout_s"] + timings.GATEWAY_MARGIN_S)
+    worker = timings.worker(env_of(services, "worker"))
+    assert seconds(services["worker"]["stop_grace_period"]) >= (
+        worker["slowest_batch_s"] + timings.WORKER_MARGIN_S)
+    assert worker["claim_idle_ms"] / 1000 > worker["attempts_s"]
 
 
 def _config_with(**env):

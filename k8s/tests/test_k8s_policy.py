@@ -238,6 +238,30 @@ def _password_with_newline(objs):
     _redis_secret(objs)["data"]["REDIS_PASSWORD"] = base64.b64encode(b"0123456789abcdef\n").decode()
 
 
+def _no_prestop(objs):
+    del _container(objs, "gateway")["lifecycle"]
+
+
+def _short_gateway_grace(objs):
+    _pod(objs, "gateway")["terminationGracePeriodSeconds"] = 20
+
+
+def _long_result_timeout(objs):
+    _config_map(objs, "gateway")["data"]["RESULT_TIMEOUT_S"] = "60"
+
+
+def _short_worker_grace(objs):
+    _pod(objs, "worker")["terminationGracePeriodSeconds"] = 25
+
+
+def _slow_grpc(objs):
+    _config_map(objs, "worker")["data"]["GRPC_TIMEOUT_S"] = "10"
+
+
+def _short_claim_idle(objs):
+    _config_map(objs, "worker")["data"]["CLAIM_IDLE_MS"] = "5000"
+
+
 BROKEN = [
     (_drop_limits, "Deployment/worker container worker: no limits.cpu"),
     (_drop_init_requests, "container seed-model: no requests.cpu"),
@@ -283,6 +307,13 @@ BROKEN = [
     (_queue_over_maxmemory, "expected gateway QUEUE_MAX_BYTES 419430400 < redis maxmemory 384mb"),
     (_dev_password, "ships the development password dev-only-password"),
     (_password_with_newline, "REDIS_PASSWORD has characters that are not URL-safe"),
+    (_no_prestop, "gateway has no preStop sleep"),
+    (_short_gateway_grace, "gateway terminationGracePeriodSeconds 20 < preStop 5 + graceful_timeout 15"),
+    (_long_result_timeout, "gateway terminationGracePeriodSeconds 30 < preStop 5 + graceful_timeout 65"),
+    (_short_worker_grace, "worker terminationGracePeriodSeconds 25 < slowest batch 20.35 s"),
+    (_slow_grpc, "worker terminationGracePeriodSeconds 45 < slowest batch 40.35 s"),
+    (_slow_grpc, "worker CLAIM_IDLE_MS 30000 does not outlast the slowest batch"),
+    (_short_claim_idle, "worker CLAIM_IDLE_MS 5000 does not outlast the slowest batch"),
 ]
 
 
