@@ -26,13 +26,14 @@ THROWAWAY_PASSWORD = "validation-only-throwaway-0123456789abcdef"
 
 # Every kustomization `kubectl apply -k` may be pointed at, with what it must deploy.
 # test_k8s_render fails if a kustomization is added without an entry here.
-# gpu: the trainer asks for a GPU; dev_secret: the development Redis password is acceptable.
+# gpu: the trainer asks for a GPU; tls: the Ingress serves HTTPS for its host (cert-manager);
+# dev_secret: the development Redis password is acceptable.
 OVERLAYS = {
-    "k8s": {"gpu": True, "dev_secret": False},
-    "k8s/base": {"gpu": False, "dev_secret": True},
-    "k8s/overlays/production": {"gpu": True, "dev_secret": False},
-    "k8s/overlays/cpu": {"gpu": False, "dev_secret": True},
-    "k8s/overlays/keda": {"gpu": True, "dev_secret": False, "keda": True},
+    "k8s": {"gpu": True, "tls": True, "dev_secret": False},
+    "k8s/base": {"gpu": False, "tls": True, "dev_secret": True},
+    "k8s/overlays/production": {"gpu": True, "tls": True, "dev_secret": False},
+    "k8s/overlays/cpu": {"gpu": False, "tls": False, "dev_secret": True},
+    "k8s/overlays/keda": {"gpu": True, "tls": True, "dev_secret": False, "keda": True},
 }
 
 

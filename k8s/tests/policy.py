@@ -12,6 +12,7 @@ WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
 # The services the stack is made of, by their `app` label.
 GATEWAY, WORKER, REDIS, TFSERVING, TRAINER = "gateway", "worker", "redis", "tfserving", "trainer"
 OWN_IMAGES = ("cifar10/gateway", "cifar10/worker", "cifar10/trainer")
+GATEWAY_ERRORS = "gateway-errors"
 GATEWAY_ENV = ("REDIS_URL", "MAX_UPLOAD_BYTES", "MAX_IMAGES_PER_REQUEST", "RESULT_TIMEOUT_S",
                "QUEUE_MAXLEN", "QUEUE_MAX_BYTES", "GUNICORN_BIND", "WEB_CONCURRENCY")
 WORKER_ENV = ("REDIS_URL", "TFSERVING_ADDRESS", "MODEL_NAME", "MAX_BATCH_SIZE",
@@ -20,6 +21,10 @@ WORKER_ENV = ("REDIS_URL", "TFSERVING_ADDRESS", "MODEL_NAME", "MAX_BATCH_SIZE",
 # The base's development password (k8s/base/kustomization.yaml), refused where dev_secret is off.
 DEV_REDIS_PASSWORD = "dev-only-password"
 URL_SAFE = re.compile(r"[A-Za-z0-9._~-]+")
+# Errors ingress-nginx produces itself that the JSON backend must answer (no pod answered,
+# proxy timeout, rate limit).
+PROXY_ERRORS = {502, 503, 504}
+NGINX = "nginx.ingress.kubernetes.io/"
 QUANTITY = re.compile(r"^(\d+(\.\d+)?)(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")
 
 
@@ -685,7 +690,75 @@ def check_shutdown(objs, timings):
     return out
 
 
-def violations(objs, stack, namespace, gpu, keda=False, dev_secret=False, timings=None):
+# ---- the edge: TLS, rate limits, JSON errors ------------------------------------------------
+
+def error_codes() -> dict:
+    """gateway.errors.CODES: the statuses the JSON error backend has a code for."""
+    from gateway import errors
+    return errors.CODES
+
+
+def check_edge(objs, tls: bool):
+    """The gateway's Ingress: HTTPS from cert-manager for every host (where tls), per-client rate
+    limits, and JSON errors: the codes nginx produces go to the gateway-errors backend (which
+    has a code for each, and answers 503 when ingress-nginx hands it /predict because no gateway
+    pod is ready), the gateway's own errors pass through, and the backend can be reached."""
+    out = []
+    ing = get(objs, "Ingress", GATEWAY)
+    if not ing:
+        return ["no Ingress gateway"]
+    ann = ing["metadata"].get("annotations", {})
+    if tls:
+        if not ann.get("cert-manager.io/cluster-issuer"):
+            out.append(f"{name(ing)} has no cert-manager.io/cluster-issuer annotation")
+        entries = ing["spec"].get("tls", [])
+        covered = {h for t in entries if t.get("secretName") for h in t.get("hosts", [])}
+        if not entries or any(not t.get("secretName") for t in entries):
+            out.append(f"{name(ing)} has no tls entry with a secretName")
+        for rule in ing["spec"].get("rules", []):
+            if rule.get("host") not in covered:
+                out.append(f"{name(ing)} host {rule.get('host')} is not in a tls entry "
+                           "(cert-manager issues certificates for the tls hosts)")
+    for limit in ("limit-rps", "limit-connections"):
+        value = str(ann.get(NGINX + limit, ""))
+        if not value.isdigit() or int(value) < 1:
+            out.append(f"{name(ing)} has no per-client {limit} (got {value!r})")
+    codes = set()
+    for code in str(ann.get(NGINX + "custom-http-errors", "")).split(","):
+        if code.strip().isdigit():
+            codes.add(int(code))
+    if not PROXY_ERRORS <= codes:
+        out.append(f"{name(ing)} custom-http-errors {sorted(codes)} lacks {sorted(PROXY_ERRORS - codes)}")
+    unnamed = sorted(codes - set(error_codes()))
+    if unnamed:
+        out.append(f"{name(ing)} custom-http-errors {unnamed} have no code in gateway.errors.CODES")
+    if ann.get(NGINX + "disable-proxy-intercept-errors") != "true":
+        out.append(f"{name(ing)} intercepts the gateway's own errors (queue_full, timeout...): "
+                   "disable-proxy-intercept-errors is not \"true\"")
+    backend = ann.get(NGINX + "default-backend")
+    svc = get(objs, "Service", backend) if backend else None
+    if not svc:
+        out.append(f"{name(ing)} default-backend {backend} is no Service")
+        return out
+    targets = [w for w in workloads(objs) if selects({"matchLabels": svc["spec"]["selector"]},
+                                                     pod_labels(w))]
+    if len(targets) != 1:
+        out.append(f"{name(svc)} selects {len(targets)} workloads, not 1")
+        return out
+    w = targets[0]
+    c = containers(w, init=False)[0]
+    if c.get("command", []) + c.get("args", []) != ["python", "-m", "gateway.errors"]:
+        out.append(f"{name(w)} does not run python -m gateway.errors")
+    if container_env(objs, w, c).get("ERRORS_DEFAULT_STATUS") != "503":
+        out.append(f"{name(w)} does not answer 503 without X-Code (ERRORS_DEFAULT_STATUS), "
+                   "which is what ingress-nginx sends it while no gateway pod is ready")
+    if not ingress_sources(objs, w):
+        out.append(f"{name(w)} accepts connections from nobody: the ingress controller cannot "
+                   "reach it")
+    return out
+
+
+def violations(objs, stack, namespace, gpu, keda=False, tls=True, dev_secret=False, timings=None):
     """Every rule's violations for one rendered overlay."""
     if timings is None:
         from k8s.tests import timings
@@ -695,4 +768,5 @@ def violations(objs, stack, namespace, gpu, keda=False, dev_secret=False, timing
             + check_services(objs) + check_ingress(objs) + check_disruption_and_scaling(objs)
             + check_network_policies(objs, keda_clients) + check_stack_values(objs, stack)
             + check_gpu(objs, gpu) + check_secrets_not_in_argv(objs) + check_redis(objs)
-            + check_redis_secret(objs, dev_secret) + check_shutdown(objs, timings))
+            + check_redis_secret(objs, dev_secret) + check_shutdown(objs, timings)
+            + check_edge(objs, tls))

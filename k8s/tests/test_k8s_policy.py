@@ -262,6 +262,55 @@ def _short_claim_idle(objs):
     _config_map(objs, "worker")["data"]["CLAIM_IDLE_MS"] = "5000"
 
 
+def _ingress_annotations(objs):
+    return policy.get(objs, "Ingress", "gateway")["metadata"]["annotations"]
+
+
+def _no_issuer(objs):
+    del _ingress_annotations(objs)["cert-manager.io/cluster-issuer"]
+
+
+def _host_without_tls(objs):
+    policy.get(objs, "Ingress", "gateway")["spec"]["rules"][0]["host"] = "other.example.com"
+
+
+def _no_tls(objs):
+    del policy.get(objs, "Ingress", "gateway")["spec"]["tls"]
+
+
+def _no_rate_limit(objs):
+    del _ingress_annotations(objs)["nginx.ingress.kubernetes.io/limit-rps"]
+
+
+def _no_connection_limit(objs):
+    _ingress_annotations(objs)["nginx.ingress.kubernetes.io/limit-connections"] = "0"
+
+
+def _html_504(objs):
+    _ingress_annotations(objs)["nginx.ingress.kubernetes.io/custom-http-errors"] = "502,503"
+
+
+def _error_without_code(objs):
+    _ingress_annotations(objs)["nginx.ingress.kubernetes.io/custom-http-errors"] = "418,502,503,504"
+
+
+def _intercepts_gateway_errors(objs):
+    del _ingress_annotations(objs)["nginx.ingress.kubernetes.io/disable-proxy-intercept-errors"]
+
+
+def _no_default_backend(objs):
+    _ingress_annotations(objs)["nginx.ingress.kubernetes.io/default-backend"] = "gateway-error"
+
+
+def _errors_backend_404(objs):
+    env = _container(objs, "gateway-errors", "errors")["env"]
+    next(v for v in env if v["name"] == "ERRORS_DEFAULT_STATUS")["value"] = "404"
+
+
+def _errors_backend_unreachable(objs):
+    objs.remove(policy.get(objs, "NetworkPolicy", "gateway-errors"))
+
+
 BROKEN = [
     (_drop_limits, "Deployment/worker container worker: no limits.cpu"),
     (_drop_init_requests, "container seed-model: no requests.cpu"),
@@ -314,6 +363,17 @@ BROKEN = [
     (_slow_grpc, "worker terminationGracePeriodSeconds 45 < slowest batch 40.35 s"),
     (_slow_grpc, "worker CLAIM_IDLE_MS 30000 does not outlast the slowest batch"),
     (_short_claim_idle, "worker CLAIM_IDLE_MS 5000 does not outlast the slowest batch"),
+    (_no_issuer, "Ingress/gateway has no cert-manager.io/cluster-issuer annotation"),
+    (_host_without_tls, "Ingress/gateway host other.example.com is not in a tls entry"),
+    (_no_tls, "Ingress/gateway has no tls entry with a secretName"),
+    (_no_rate_limit, "Ingress/gateway has no per-client limit-rps"),
+    (_no_connection_limit, "Ingress/gateway has no per-client limit-connections (got '0')"),
+    (_html_504, "custom-http-errors [502, 503] lacks [504]"),
+    (_error_without_code, "custom-http-errors [418] have no code in gateway.errors.CODES"),
+    (_intercepts_gateway_errors, "intercepts the gateway's own errors"),
+    (_no_default_backend, "default-backend gateway-error is no Service"),
+    (_errors_backend_404, "Deployment/gateway-errors does not answer 503 without X-Code"),
+    (_errors_backend_unreachable, "Deployment/gateway-errors accepts connections from nobody"),
 ]
 
 

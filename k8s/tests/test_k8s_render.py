@@ -27,6 +27,7 @@ def test_renders_a_complete_stack(overlay):
     for expected in [("Namespace", NAMESPACE), ("StatefulSet", "redis"),
                      ("Deployment", "tfserving"), ("Deployment", "worker"),
                      ("Deployment", "gateway"), ("CronJob", "trainer"), ("Ingress", "gateway"),
+                     ("Deployment", "gateway-errors"), ("Service", "gateway-errors"),
                      ("PersistentVolumeClaim", "models")]:
         assert expected in kinds
 
