@@ -3,6 +3,7 @@
 Checks run on the file as docker-compose itself resolves it (`docker-compose config`): env
 files merged, ${VAR:-default}s filled in, YAML anchors expanded.
 """
+import copy
 import os
 import re
 from pathlib import Path
@@ -209,13 +210,53 @@ def test_seed_model_is_shipped(services):
     assert f"/seed/{STACK['MODEL_NAME']}/" not in script  # no version number written in
 
 
+def published(config) -> list[tuple[str, int, int]]:
+    """(host address, host port, container port) of every port compose publishes."""
+    out = []
+    for name, service in config["services"].items():
+        for port in service.get("ports", []):
+            if isinstance(port, dict):  # how docker-compose renders a port without an address
+                out.append((name, port.get("host_ip", "0.0.0.0"), int(port["published"]),
+                            int(port["target"])))
+                continue
+            spec = str(port).split("/")[0].split(":")
+            address = spec[0] if len(spec) == 3 else "0.0.0.0"
+            out.append((name, address, int(spec[-2]), int(spec[-1])))
+    return out
+
+
 def test_worker_scales_and_gateway_is_published(services):
     # --scale worker=N needs no fixed container name and no host port.
     assert "container_name" not in services["worker"]
     assert "ports" not in services["worker"]
     port = int(STACK["GATEWAY_PORT"])
-    assert services["gateway"]["ports"] == [{"published": port, "target": port}]
+    assert published(compose_config()) == [("gateway", "127.0.0.1", port, port)]
     assert env_of(services, "gateway")["GUNICORN_BIND"] == f"0.0.0.0:{port}"
+
+
+def exposed_metrics(config) -> list[str]:
+    """Ports that serve /metrics (the gateway's, the worker's) published beyond 127.0.0.1."""
+    metrics_ports = {int(STACK["GATEWAY_PORT"]), int(STACK["WORKER_METRICS_PORT"])}
+    return [f"{name} publishes {target} on {address}"
+            for name, address, _, target in published(config)
+            if target in metrics_ports and address != "127.0.0.1"]
+
+
+def test_metrics_are_published_on_loopback_only():
+    """The gateway's port serves /metrics, the worker's metrics port too: by default nothing is
+    published beyond 127.0.0.1; GATEWAY_HOST_IP opens the gateway (and its /metrics) on purpose."""
+    assert exposed_metrics(compose_config()) == []
+    opened = _config_with(GATEWAY_HOST_IP="0.0.0.0")
+    assert exposed_metrics(opened) == [f"gateway publishes {STACK['GATEWAY_PORT']} on 0.0.0.0"]
+
+
+def test_published_port_check_catches_all_interfaces():
+    """The check can fail: ports published without an address listen on every interface."""
+    config = copy.deepcopy(compose_config())
+    config["services"]["worker"]["ports"] = [{"published": 9100, "target": 9100}]
+    config["services"]["gateway"]["ports"] = ["5000:5000/tcp"]
+    assert sorted(exposed_metrics(config)) == ["gateway publishes 5000 on 0.0.0.0",
+                                               "worker publishes 9100 on 0.0.0.0"]
 
 
 @pytest.mark.parametrize("service,variant,tag", [("trainer", "cpu", "1.0.0"),
