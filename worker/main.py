@@ -12,6 +12,7 @@ import redis
 from common import protocol
 from common.protocol import Job, Result
 from worker import metrics
+from worker.contract import ModelVersions, NoServableVersion
 from worker.jobs import Entry, JobStream
 from worker.preprocess import ImageError, preprocess
 from worker.settings import Settings
@@ -24,7 +25,8 @@ UNAVAILABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEE
 Answered = tuple[bytes, Job, Result | None]
 
 
-def preprocess_jobs(entries: list[Entry], max_pixels: int) -> tuple[list[tuple[bytes, Job, np.ndarray]], list[Answered]]:
+def preprocess_jobs(entries: list[Entry], max_pixels: int,
+                    max_decode_bytes: int) -> tuple[list[tuple[bytes, Job, np.ndarray]], list[Answered]]:
     """Splits a batch into images ready for the model and jobs already answered (bad image, expired)."""
     ready, answered = [], []
     now = protocol.now_ms()
@@ -35,7 +37,7 @@ def preprocess_jobs(entries: list[Entry], max_pixels: int) -> tuple[list[tuple[b
             continue
         started = time.perf_counter()
         try:
-            ready.append((entry_id, job, preprocess(job.image, max_pixels)))
+            ready.append((entry_id, job, preprocess(job.image, max_pixels, max_decode_bytes=max_decode_bytes)))
         except ImageError as exc:
             answered.append((entry_id, job, Result.failure(job.index, exc.code, str(exc))))
         except Exception as exc:  # a decoder failing in a way nobody foresaw fails this image, not the batch
@@ -46,14 +48,14 @@ def preprocess_jobs(entries: list[Entry], max_pixels: int) -> tuple[list[tuple[b
     return ready, answered
 
 
-def predict_jobs(ready: list[tuple[bytes, Job, np.ndarray]], client: TFServingClient) -> list[Answered]:
+def predict_jobs(ready: list[tuple[bytes, Job, np.ndarray]], versions: ModelVersions) -> list[Answered]:
     """One Predict call for the whole batch. If the model server refuses it, every job gets that
     error; if its answer cannot be read, the batch is retried job by job, so only the jobs that fail
     on their own get an error (and the worker lives on)."""
     metrics.BATCH_SIZE.observe(len(ready))
     started = time.perf_counter()
     try:
-        prediction = client.predict(np.stack([pixels for _, _, pixels in ready]))
+        prediction = versions.predict(np.stack([pixels for _, _, pixels in ready]))
         return [
             (entry_id, job, Result(index=job.index, model_version=prediction.model_version,
                                    labels=tuple(prediction.labels[row]),
@@ -68,10 +70,13 @@ def predict_jobs(ready: list[tuple[bytes, Job, np.ndarray]], client: TFServingCl
         else:
             code, message = protocol.INFERENCE_FAILED, f"the model server rejected the batch: {exc.code().name}"
         return [(entry_id, job, Result.failure(job.index, code, message)) for entry_id, job, _ in ready]
+    except NoServableVersion as exc:
+        return [(entry_id, job, Result.failure(job.index, protocol.MODEL_UNAVAILABLE, f"{exc}; try again shortly"))
+                for entry_id, job, _ in ready]
     except Exception as exc:  # e.g. a model version without the `probabilities` output
         log.exception("unreadable Predict answer for a batch of %d", len(ready))
         if len(ready) > 1:
-            return [answer for item in ready for answer in predict_jobs([item], client)]
+            return [answer for item in ready for answer in predict_jobs([item], versions)]
         entry_id, job, _ = ready[0]
         return [(entry_id, job, Result.failure(job.index, protocol.INFERENCE_FAILED,
                                                f"the model server's answer could not be read ({type(exc).__name__})"))]
@@ -79,41 +84,55 @@ def predict_jobs(ready: list[tuple[bytes, Job, np.ndarray]], client: TFServingCl
         metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
 
 
-def process_batch(entries: list[Entry], client: TFServingClient, max_pixels: int) -> list[Answered]:
-    ready, answered = preprocess_jobs(entries, max_pixels)
+def process_batch(entries: list[Entry], versions: ModelVersions, settings: Settings) -> list[Answered]:
+    ready, answered = preprocess_jobs(entries, settings.max_image_pixels, settings.max_decode_bytes)
     if ready:
-        answered += predict_jobs(ready, client)
+        answered += predict_jobs(ready, versions)
     for _, _, result in answered:
         if result is not None:
             metrics.JOBS.labels("ok" if result.ok else result.error_code).inc()
     return answered
 
 
-def publish_model_status(store: redis.Redis, client: TFServingClient, interval_s: float,
+def model_status(versions: ModelVersions) -> dict | None:
+    """What the gateway reads: the served version and the rejected ones; None when the model server
+    is unreachable or has no version loaded. Raises RpcError when it answered too slowly to tell."""
+    try:
+        served = versions.refresh()
+    except grpc.RpcError as exc:
+        metrics.GRPC_ERRORS.labels(exc.code().name).inc()
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            return None
+        raise
+    if not versions.available:
+        return None
+    return {"version": served, "rejected": {str(v): p for v, p in versions.rejected(versions.available).items()}}
+
+
+def publish_model_status(store: redis.Redis, versions: ModelVersions, interval_s: float,
                          stop: threading.Event) -> None:
     """Keeps MODEL_STATUS_KEY set while the model server has a version loaded, for the gateway's
-    readiness and its fast 503. Deleted at once when the model server is unreachable or has no
-    version; a slow answer only skips a refresh (the key outlives a few of them)."""
+    readiness and its fast 503 (which also needs "version" not null: one that meets the contract).
+    Deleted at once when the model server is unreachable or has no version; a slow answer only
+    skips a refresh (the key outlives a few of them)."""
     last_seen = None
-    while True:
+    while not stop.is_set():
         try:
-            versions = client.available_versions()
-        except grpc.RpcError as exc:
-            metrics.GRPC_ERRORS.labels(exc.code().name).inc()
-            versions = [] if exc.code() == grpc.StatusCode.UNAVAILABLE else None
+            status = model_status(versions)
+        except grpc.RpcError:  # too slow to tell: the key expires if this goes on
+            stop.wait(interval_s)
+            continue
         try:
-            if versions:
-                store.set(protocol.MODEL_STATUS_KEY, json.dumps({"version": versions[-1]}),
-                          ex=protocol.MODEL_STATUS_TTL_S)
-            elif versions == []:
+            if status is None:
                 store.delete(protocol.MODEL_STATUS_KEY)
+            else:
+                store.set(protocol.MODEL_STATUS_KEY, json.dumps(status), ex=protocol.MODEL_STATUS_TTL_S)
         except redis.RedisError as exc:
             log.error("could not publish model status: %s", exc)
-        if versions is not None and versions[-1:] != last_seen:
-            log.info("model server reports %s", f"version {versions[-1]}" if versions else "no available version")
-            last_seen = versions[-1:]
-        if stop.wait(interval_s):
-            return
+        if status != last_seen:
+            log.info("model server: %s", json.dumps(status) if status else "no available version")
+            last_seen = status
+        stop.wait(interval_s)
 
 
 def run(settings: Settings, stop: threading.Event) -> None:
@@ -126,8 +145,9 @@ def run(settings: Settings, stop: threading.Event) -> None:
                        settings.max_batch_wait_ms, settings.claim_idle_ms)
     liveness = metrics.Liveness(stall_s=max(30.0, 3 * settings.grpc_timeout_s * (settings.grpc_retries + 1)))
     metrics_server = metrics.serve_metrics(settings.metrics_port, liveness)
+    versions = ModelVersions(client)
     threading.Thread(target=publish_model_status, name="model-status", daemon=True,
-                     args=(store, client, settings.model_status_interval_s, stop)).start()
+                     args=(store, versions, settings.model_status_interval_s, stop)).start()
     log.info("worker %s: redis %s, model server %s, batches of up to %d (wait %d ms)", settings.consumer_name,
              settings.redis_url.split("@")[-1], settings.tfserving_address, settings.max_batch_size,
              settings.max_batch_wait_ms)
@@ -140,10 +160,17 @@ def run(settings: Settings, stop: threading.Event) -> None:
                 group_ready = True
             batch = stream.next_batch()
             if batch:
-                stream.finish(process_batch(batch, client, settings.max_image_pixels))
-        except redis.RedisError as exc:  # Redis restarting: keep trying, jobs stay pending meanwhile
-            log.error("redis error: %s; retrying in 1 s", exc)
+                stream.finish(process_batch(batch, versions, settings))
+        except redis.RedisError as exc:
             group_ready = False
+            if "NOGROUP" in str(exc):  # Redis restarted empty or was flushed: recreate the group now
+                log.warning("the consumer group is gone (%s); recreating it", exc)
+                continue
+            log.error("redis error: %s; retrying in 1 s", exc)  # restarting: jobs stay pending meanwhile
+            stop.wait(1)
+        except Exception:  # a bug, not a bad job (those fail alone): the batch stays pending, is
+            # reclaimed after claim_idle_ms and dead-lettered if it keeps failing; this worker goes on
+            log.exception("batch failed unexpectedly; its jobs stay pending")
             stop.wait(1)
     try:
         stream.leave_group()

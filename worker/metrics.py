@@ -3,7 +3,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
 BATCH_SIZE = Histogram("worker_batch_size", "Images sent to the model server in one Predict call",
                        buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 128))
@@ -14,6 +14,10 @@ INFERENCE_SECONDS = Histogram("worker_inference_seconds", "Predict call time for
 JOBS = Counter("worker_jobs_total", "Jobs finished, by outcome (ok or an error code)", ["outcome"])
 EXPIRED_JOBS = Counter("worker_jobs_expired_total", "Jobs dropped unprocessed because their deadline had passed")
 RECLAIMED_JOBS = Counter("worker_jobs_reclaimed_total", "Jobs taken over from a consumer that stopped answering")
+DEAD_LETTERED_JOBS = Counter("worker_jobs_dead_lettered_total",
+                             "Jobs set aside after they were delivered MAX_DELIVERIES times without an answer")
+SERVED_VERSION = Gauge("worker_model_version", "Model version this worker sends Predict calls to (0: none)")
+REJECTED_VERSIONS = Gauge("worker_model_versions_rejected", "Loaded model versions whose signature breaks the contract")
 GRPC_ERRORS = Counter("worker_grpc_errors_total", "Failed model server calls, by gRPC status", ["code"])
 
 
