@@ -19,10 +19,21 @@ help: ## List every target with one line each
 setup: $(VENV)/.installed ## Create .venv with every service's pinned requirements and the test tools
 
 $(VENV)/.installed: requirements-dev.txt training/requirements.txt gateway/requirements.txt worker/requirements.txt \
-		k8s/trainjob/requirements.txt
+		tfserving/requirements.txt k8s/trainjob/requirements.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -r requirements-dev.txt
+	touch $(VENV)/.serving-installed $@
+
+# What `make up` needs, and no more: the gateway and the worker, plus the model server stand-in
+# (TensorFlow) only where tensorflow_model_server is not on PATH.
+SERVING_REQUIREMENTS := gateway/requirements.txt worker/requirements.txt \
+	$(if $(shell command -v tensorflow_model_server),,tfserving/requirements.txt)
+
+$(VENV)/.serving-installed: $(SERVING_REQUIREMENTS)
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q $(addprefix -r ,$(SERVING_REQUIREMENTS))
 	touch $@
 
 data: $(DATA_DIR)/cifar-10-batches-py/batches.meta ## Get CIFAR-10 into data/ (offline copy from ../shared if present, else the official download)
@@ -61,7 +72,8 @@ test: setup data ## Run the whole test suite (real redis-server, gunicorn, gRPC,
 WORKERS ?= 2
 .PHONY: up down bench-serve chaos soak
 
-up: setup ## Start redis, model server, workers (WORKERS=2) and gateway on :5000; wait for /readyz
+up: $(VENV)/.serving-installed ## Install what serving needs (venv; redis-server via apt), start redis, model server, workers (WORKERS=2), gateway on :5000
+	@scripts/need_redis.sh
 	$(PY) -m scripts.stack up --workers $(WORKERS) --model-base-path $(MODEL_BASE_PATH)
 
 down: ## Stop everything `make up` started
