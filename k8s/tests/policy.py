@@ -14,7 +14,7 @@ GATEWAY, WORKER, REDIS, TFSERVING, TRAINER = "gateway", "worker", "redis", "tfse
 OWN_IMAGES = ("cifar10/gateway", "cifar10/worker", "cifar10/trainer")
 GATEWAY_ERRORS = "gateway-errors"
 GATEWAY_ENV = ("REDIS_URL", "MAX_UPLOAD_BYTES", "MAX_IMAGES_PER_REQUEST", "RESULT_TIMEOUT_S",
-               "QUEUE_MAXLEN", "QUEUE_MAX_BYTES", "GUNICORN_BIND", "WEB_CONCURRENCY")
+               "QUEUE_MAXLEN", "QUEUE_MAX_BYTES", "UPLOAD_BUDGET_BYTES", "GUNICORN_BIND", "WEB_CONCURRENCY")
 WORKER_ENV = ("REDIS_URL", "TFSERVING_ADDRESS", "MODEL_NAME", "MAX_BATCH_SIZE",
               "MAX_BATCH_WAIT_MS", "GRPC_TIMEOUT_S", "GRPC_RETRIES", "CLAIM_IDLE_MS",
               "WORKER_METRICS_PORT")
@@ -623,6 +623,26 @@ def check_redis(objs):
     return out
 
 
+# A gunicorn process before any upload (measured: 39 MiB) plus slack for allocator and threads.
+GATEWAY_PROCESS_BASE_BYTES = 64 * 2**20
+
+
+def check_gateway_memory(objs):
+    """Every gateway process may hold UPLOAD_BUDGET_BYTES of bodies (each read once): the pod's
+    memory limit must cover WEB_CONCURRENCY of them with their base."""
+    gateway = workload(objs, GATEWAY)
+    c = container(gateway, "gateway")
+    env = container_env(objs, gateway, c)
+    limit = c.get("resources", {}).get("limits", {}).get("memory")
+    if not env.get("UPLOAD_BUDGET_BYTES") or not env.get("WEB_CONCURRENCY") or not limit:
+        return [f"gateway UPLOAD_BUDGET_BYTES, WEB_CONCURRENCY or memory limit missing ({limit})"]
+    needed = int(env["WEB_CONCURRENCY"]) * (int(env["UPLOAD_BUDGET_BYTES"]) + GATEWAY_PROCESS_BASE_BYTES)
+    if needed > quantity_bytes(limit):
+        return [f"gateway needs {needed >> 20} MiB for WEB_CONCURRENCY x (UPLOAD_BUDGET_BYTES + base), "
+                f"over its memory limit {limit}"]
+    return []
+
+
 def check_redis_secret(objs, dev_secret: bool):
     """The password is URL-safe (it goes into REDIS_URL); outside development overlays it is not
     the base's development default and has at least 16 characters."""
@@ -767,6 +787,6 @@ def violations(objs, stack, namespace, gpu, keda=False, tls=True, dev_secret=Fal
             + check_security(objs) + check_images(objs) + check_references(objs)
             + check_services(objs) + check_ingress(objs) + check_disruption_and_scaling(objs)
             + check_network_policies(objs, keda_clients) + check_stack_values(objs, stack)
-            + check_gpu(objs, gpu) + check_secrets_not_in_argv(objs) + check_redis(objs)
+            + check_gpu(objs, gpu) + check_secrets_not_in_argv(objs) + check_redis(objs) + check_gateway_memory(objs)
             + check_redis_secret(objs, dev_secret) + check_shutdown(objs, timings)
             + check_edge(objs, tls))

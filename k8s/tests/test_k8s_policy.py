@@ -230,6 +230,10 @@ def _queue_over_maxmemory(objs):
     _config_map(objs, "gateway")["data"]["QUEUE_MAX_BYTES"] = str(400 * 1024 * 1024)
 
 
+def _upload_budget_over_limit(objs):
+    _config_map(objs, "gateway")["data"]["UPLOAD_BUDGET_BYTES"] = str(256 * 1024 * 1024)
+
+
 def _dev_password(objs):
     _redis_secret(objs)["data"]["REDIS_PASSWORD"] = base64.b64encode(b"dev-only-password").decode()
 
@@ -354,6 +358,7 @@ BROKEN = [
                             "redis memory limit 512Mi"),
     (_no_maxmemory, "redis has no --maxmemory"),
     (_queue_over_maxmemory, "expected gateway QUEUE_MAX_BYTES 419430400 < redis maxmemory 384mb"),
+    (_upload_budget_over_limit, "gateway needs 640 MiB for WEB_CONCURRENCY x (UPLOAD_BUDGET_BYTES + base), over"),
     (_dev_password, "ships the development password dev-only-password"),
     (_password_with_newline, "REDIS_PASSWORD has characters that are not URL-safe"),
     (_no_prestop, "gateway has no preStop sleep"),
