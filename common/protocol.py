@@ -9,6 +9,11 @@ MAX_DELIVERIES times without an answer (it killed every worker that took it) goe
 DEAD_LETTER_STREAM instead and its caller gets JOB_FAILED.
 A job whose deadline has passed is dropped unprocessed: its caller has already answered 504.
 
+Each request has two ids. `request_id` names its result list, so it stays the gateway's own
+unguessable uuid4. `public_id` is the id the caller sees (X-Request-ID) and every log line names;
+it is the same uuid unless the client sent its own id, and only then travels as a field of its own
+(F_PUBLIC_ID), so jobs from a gateway that predates it read back with public_id = request_id.
+
 QUEUE_BYTES_KEY counts the image bytes of the jobs in JOB_STREAM: the gateway adds in the same
 script that queues them, workers subtract in the same transaction that deletes them. Jobs deleted
 any other way (malformed entries, a flushed Redis) make it drift, so the gateway resets it to 0
@@ -40,6 +45,7 @@ F_REQUEST_ID = b"rid"
 F_INDEX = b"idx"
 F_DEADLINE_MS = b"deadline_ms"
 F_IMAGE = b"image"
+F_PUBLIC_ID = b"pid"  # only when it differs from F_REQUEST_ID
 
 # Error codes a worker can put in a result; the gateway maps each to an HTTP status.
 INVALID_IMAGE = "invalid_image"
@@ -60,18 +66,26 @@ def result_key(request_id: str) -> str:
 
 @dataclass(frozen=True)
 class Job:
-    request_id: str
+    request_id: str  # names the result list: internal, unguessable
     index: int  # position of the image in its request
     deadline_ms: int
     image: bytes
+    public_id: str = ""  # the caller's X-Request-ID, for logs; "" or equal to request_id: the same id
+
+    def __post_init__(self):
+        if not self.public_id:  # one spelling of "the same id", so jobs compare equal after a round trip
+            object.__setattr__(self, "public_id", self.request_id)
 
     def fields(self) -> dict[bytes, bytes]:
-        return {
+        fields = {
             F_REQUEST_ID: self.request_id.encode(),
             F_INDEX: str(self.index).encode(),
             F_DEADLINE_MS: str(self.deadline_ms).encode(),
             F_IMAGE: self.image,
         }
+        if self.public_id != self.request_id:
+            fields[F_PUBLIC_ID] = self.public_id.encode()
+        return fields
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes]) -> "Job":
@@ -80,6 +94,7 @@ class Job:
             index=int(fields[F_INDEX]),
             deadline_ms=int(fields[F_DEADLINE_MS]),
             image=fields[F_IMAGE],
+            public_id=fields[F_PUBLIC_ID].decode() if F_PUBLIC_ID in fields else "",
         )
 
     def expired(self, at_ms: int | None = None) -> bool:

@@ -11,7 +11,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from common import protocol
 from common.protocol import Result
-from gateway import metrics
+from gateway import metrics, tracing
 from gateway.jobs import JobQueue, ModelUnavailable, QueueFull, ResultTimeout
 from gateway.multipart import MalformedMultipart, boundary_of, parse_parts
 from gateway.settings import Settings
@@ -170,8 +170,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         with budget.hold(request.content_length or settings.max_upload_bytes):
             images = read_images(settings.max_images_per_request)
             metrics.IMAGES.inc(len(images))
+            g.images = len(images)
             try:
-                return queue.submit(images), len(images)
+                return queue.submit(images, g.job_key, g.request_id), len(images)
             except QueueFull:
                 raise ApiError(503, "queue_full", "too many images in progress; retry shortly",
                                retry_after=settings.retry_after_s) from None
@@ -210,6 +211,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     @app.before_request
     def start_timer():
         g.started = time.perf_counter()
+        if request.path == "/predict":  # every answer of /predict carries its id, 405 and 413 included
+            g.request_id, g.job_key = tracing.request_ids(request.headers.get(tracing.HEADER))
 
     @app.after_request
     def count_request(response: Response) -> Response:
@@ -217,6 +220,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         metrics.REQUESTS.labels(endpoint, str(response.status_code)).inc()
         if endpoint == "/predict":
             metrics.PREDICT_SECONDS.observe(time.perf_counter() - g.started)
+        if "request_id" in g:
+            tracing.finish(response, time.perf_counter() - g.started)
         return response
 
     @app.errorhandler(ApiError)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, to import gateway.settings
 
+from common import logs  # noqa: E402
 from gateway.settings import Settings  # noqa: E402
 
 settings = Settings.from_env()
@@ -21,6 +22,8 @@ graceful_timeout = int(settings.result_timeout_s) + 5
 keepalive = 5
 accesslog = "-" if settings.access_log else None
 errorlog = "-"
+# gunicorn's own lines and the app's as JSON lines on stderr (common/logs.py), LOG_LEVEL the level.
+logconfig_dict = logs.dict_config()
 proc_name = "cifar10-gateway"
 control_socket_disable = True  # the shared default path would clash between gateways on one host
 

@@ -48,13 +48,14 @@ class JobQueue:
         self.timeout_s = timeout_s
         self.enqueue_script = client.register_script(ENQUEUE_SCRIPT)
 
-    def submit(self, images: list[bytes]) -> str:
-        """Queues one job per image; returns the request id whose result list to wait on."""
-        request_id = uuid.uuid4().hex
+    def submit(self, images: list[bytes], request_id: str | None = None, public_id: str = "") -> str:
+        """Queues one job per image; returns the request id whose result list to wait on (a fresh
+        uuid4 unless given: never a client's id). public_id: the id logs name, if not that one."""
+        request_id = request_id or uuid.uuid4().hex
         deadline_ms = protocol.now_ms() + int(self.timeout_s * 1000)
         args = []
         for index, image in enumerate(images):
-            for field, value in Job(request_id, index, deadline_ms, image).fields().items():
+            for field, value in Job(request_id, index, deadline_ms, image, public_id).fields().items():
                 args += [field, value]
         try:
             answer = self.enqueue_script(

@@ -113,14 +113,16 @@ class JobStream:
             self.dead_letter(poisoned)
         jobs = [(entry_id, job) for entry_id, job in jobs if deliveries[entry_id] < protocol.MAX_DELIVERIES]
         if jobs:
-            log.warning("reclaimed %d stale jobs", len(jobs))
+            log.warning("reclaimed %d stale jobs", len(jobs),
+                        extra={"request_ids": list(dict.fromkeys(job.public_id for _, job in jobs))})
             metrics.RECLAIMED_JOBS.inc(len(jobs))
         return jobs
 
     def dead_letter(self, poisoned: list[Entry]) -> None:
         """Moves jobs to the dead-letter stream and answers their callers, in one transaction."""
         log.error("dead-lettering %d jobs delivered %d times without an answer: %s", len(poisoned),
-                  protocol.MAX_DELIVERIES, ", ".join(f"{job.request_id}/{job.index}" for _, job in poisoned))
+                  protocol.MAX_DELIVERIES, ", ".join(f"{job.public_id}/{job.index}" for _, job in poisoned),
+                  extra={"request_ids": list(dict.fromkeys(job.public_id for _, job in poisoned))})
         metrics.DEAD_LETTERED_JOBS.inc(len(poisoned))
         with self.redis.pipeline(transaction=True) as pipe:
             for entry_id, job in poisoned:

@@ -9,9 +9,9 @@ import grpc
 import numpy as np
 import redis
 
-from common import protocol
+from common import logs, protocol
 from common.protocol import Job, Result
-from worker import metrics
+from worker import joblog, metrics
 from worker.contract import ModelVersions, NoServableVersion
 from worker.jobs import Entry, JobStream
 from worker.preprocess import ImageError, preprocess
@@ -85,12 +85,14 @@ def predict_jobs(ready: list[tuple[bytes, Job, np.ndarray]], versions: ModelVers
 
 
 def process_batch(entries: list[Entry], versions: ModelVersions, settings: Settings) -> list[Answered]:
+    started = time.perf_counter()
     ready, answered = preprocess_jobs(entries, settings.max_image_pixels, settings.max_decode_bytes)
     if ready:
         answered += predict_jobs(ready, versions)
     for _, _, result in answered:
         if result is not None:
             metrics.JOBS.labels("ok" if result.ok else result.error_code).inc()
+    joblog.log_batch(answered, time.perf_counter() - started)
     return answered
 
 
@@ -181,7 +183,7 @@ def run(settings: Settings, stop: threading.Event) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.configure()  # JSON lines on stderr, LOG_LEVEL (common/logs.py)
     stop = threading.Event()
     # Finish the batch in hand, then exit: a SIGTERM during a rollout loses nothing.
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

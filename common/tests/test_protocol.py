@@ -14,6 +14,15 @@ def test_job_survives_the_stream_encoding():
     assert Job.from_fields(fields) == job
 
 
+def test_a_client_request_id_travels_beside_the_internal_one():
+    same = Job("0f" * 16, 0, 1000, b"x")
+    assert same.public_id == same.request_id and protocol.F_PUBLIC_ID not in same.fields()
+    client = Job("0f" * 16, 0, 1000, b"x", public_id="client-trace_42")
+    fields = client.fields()
+    assert fields[protocol.F_REQUEST_ID] == b"0f" * 16 and fields[protocol.F_PUBLIC_ID] == b"client-trace_42"
+    assert Job.from_fields(fields) == client
+
+
 def test_job_expiry_uses_its_deadline():
     job = Job("r", 0, deadline_ms=1000, image=b"")
     assert not job.expired(at_ms=999)

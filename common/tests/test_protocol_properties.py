@@ -18,7 +18,10 @@ any_text = st.text(st.characters(codec=None, exclude_categories=()), max_size=40
 utf8_text = st.text(st.characters(codec="utf-8"), max_size=40)
 floats = st.floats(allow_nan=False)  # NaN != NaN, so no value survives a round trip "equal"
 
-jobs = st.builds(Job, request_id=utf8_text, index=ints, deadline_ms=ints, image=st.binary(max_size=300))
+# public_id: "" (the gateway's own id), a client's X-Request-ID, or anything else a stream may hold.
+public_ids = st.just("") | st.from_regex(r"\A[A-Za-z0-9_-]{1,64}\Z") | utf8_text
+jobs = st.builds(Job, request_id=utf8_text, index=ints, deadline_ms=ints, image=st.binary(max_size=300),
+                 public_id=public_ids)
 ok_results = st.builds(Result, index=ints, model_version=st.none() | ints,
                        labels=st.lists(any_text, max_size=10).map(tuple),
                        probabilities=st.lists(floats, max_size=10).map(tuple))
@@ -34,6 +37,16 @@ def test_job_fields_round_trip(job):
     fields = job.fields()
     assert all(isinstance(key, bytes) and isinstance(value, bytes) for key, value in fields.items())
     assert Job.from_fields(fields) == job
+    assert (protocol.F_PUBLIC_ID in fields) == (job.public_id != job.request_id)
+
+
+@FAST
+@given(jobs)
+def test_a_job_from_a_gateway_without_public_ids_reads_back_with_its_request_id(job):
+    fields = {key: value for key, value in job.fields().items() if key != protocol.F_PUBLIC_ID}
+    old = Job.from_fields(fields)
+    assert old.public_id == old.request_id == job.request_id
+    assert (old.index, old.deadline_ms, old.image) == (job.index, job.deadline_ms, job.image)
 
 
 @FAST
@@ -42,7 +55,7 @@ def test_a_job_whose_image_is_a_view_of_the_upload_reads_back_as_bytes(job):
     # The gateway queues memoryview slices of the request body (gateway/multipart.py); redis-py sends
     # them as they are, and the worker gets bytes back.
     upload = b"head" + job.image + b"tail"
-    viewed = Job(job.request_id, job.index, job.deadline_ms, memoryview(upload)[4:4 + len(job.image)])
+    viewed = Job(job.request_id, job.index, job.deadline_ms, memoryview(upload)[4:4 + len(job.image)], job.public_id)
     as_redis_returns_it = {key: bytes(value) for key, value in viewed.fields().items()}
     assert Job.from_fields(as_redis_returns_it) == job
 
@@ -60,7 +73,8 @@ def test_results_round_trip(result):
     assert decoded.ok == result.ok and decoded.ok == (result.error_code is None)
 
 
-field_names = st.sampled_from([protocol.F_REQUEST_ID, protocol.F_INDEX, protocol.F_DEADLINE_MS, protocol.F_IMAGE])
+field_names = st.sampled_from([protocol.F_REQUEST_ID, protocol.F_INDEX, protocol.F_DEADLINE_MS, protocol.F_IMAGE,
+                                protocol.F_PUBLIC_ID])
 field_values = (st.binary(max_size=30)
                 | st.from_regex(rb"\A[ \t]*[+-]?[0-9_]{1,25}[ \t]*\Z")  # int() takes these: "1_0", " 7 "
                 | st.sampled_from([b"", b"\xff\xfe", b"1" * 5000, b"\xd9\xa3", b"nan", b"1e3", b"0x10"]))
@@ -71,6 +85,8 @@ field_values = (st.binary(max_size=30)
 @example({protocol.F_REQUEST_ID: b"\xff", protocol.F_INDEX: b"1", protocol.F_DEADLINE_MS: b"1", protocol.F_IMAGE: b""})
 @example({protocol.F_REQUEST_ID: b"r", protocol.F_INDEX: b"1" * 5000, protocol.F_DEADLINE_MS: b"1",
           protocol.F_IMAGE: b""})
+@example({protocol.F_REQUEST_ID: b"r", protocol.F_INDEX: b"1", protocol.F_DEADLINE_MS: b"1", protocol.F_IMAGE: b"",
+          protocol.F_PUBLIC_ID: b"\xff"})
 def test_any_stream_entry_is_a_job_or_an_error_the_worker_catches(fields):
     # worker/jobs.py parse_entries drops an entry on exactly these; anything else would kill the worker.
     try:
@@ -78,4 +94,5 @@ def test_any_stream_entry_is_a_job_or_an_error_the_worker_catches(fields):
     except (KeyError, ValueError, TypeError, UnicodeDecodeError):
         return
     assert isinstance(job.request_id, str) and isinstance(job.index, int) and isinstance(job.deadline_ms, int)
+    assert isinstance(job.public_id, str)
     assert job.image == fields[protocol.F_IMAGE]
