@@ -123,6 +123,24 @@ def test_a_job_that_keeps_killing_workers_is_dead_lettered_and_answered(store):
     assert jobs.queued_bytes() == 0
 
 
+def test_a_batch_that_killed_its_worker_is_retried_job_by_job_so_only_the_poison_job_fails(store):
+    jobs = queue(store)
+    request_id = jobs.submit([b"fine-1", b"poison", b"fine-2"])
+    assert len(stream(store, "w0").next_batch(block_ms=100)) == 3  # then "w0" dies with all three
+    answered = {}
+    for consumer in ("w1", "w2", "w3", "w4", "w5", "w6"):
+        time.sleep(CLAIM_IDLE_MS * 1.5 / 1000)
+        worker = stream(store, consumer)
+        for entry_id, job in worker.next_batch(block_ms=10):  # at most one reclaimed job
+            if job.image == b"poison":
+                break  # the worker dies again
+            worker.finish([(entry_id, job, protocol.Result.failure(job.index, "ok", "processed"))])
+            answered[job.image] = consumer
+    assert set(answered) == {b"fine-1", b"fine-2"}
+    dead = [r for r in results(store, request_id) if r.error_code == protocol.JOB_FAILED]
+    assert [r.index for r in dead] == [1] and store.xlen(protocol.DEAD_LETTER_STREAM) == 1
+
+
 def test_a_job_reclaimed_once_is_processed_not_dead_lettered(store):
     jobs = queue(store)
     jobs.submit([b"fine"])
@@ -130,6 +148,32 @@ def test_a_job_reclaimed_once_is_processed_not_dead_lettered(store):
     time.sleep(CLAIM_IDLE_MS * 2 / 1000)
     [(_, job)] = stream(store, "w1").next_batch(block_ms=100)
     assert job.image == b"fine" and store.xlen(protocol.DEAD_LETTER_STREAM) == 0
+
+
+def test_a_batch_slower_than_the_claim_time_stays_with_its_live_worker(store):
+    jobs = queue(store)
+    jobs.submit([b"slow", b"batch"])
+    slow = stream(store, "slow")
+    held = [entry_id for entry_id, _ in slow.next_batch(block_ms=100)]
+    for _ in range(6):  # 3 claim times in all, refreshed every half of one
+        time.sleep(CLAIM_IDLE_MS / 2000)
+        slow.keep_claimed(held)
+        assert stream(store, "other").next_batch(block_ms=10) == []
+    time.sleep(CLAIM_IDLE_MS * 1.5 / 1000)  # now it stops refreshing, as a dead worker would
+    [(_, job)] = stream(store, "other").next_batch(block_ms=10)  # one at a time
+    assert job.image == b"slow"
+    assert store.xpending_range(protocol.STREAM, protocol.GROUP, "-", "+", 10)[0]["times_delivered"] == 2
+
+
+def test_refreshing_never_takes_back_a_job_another_worker_claimed(store):
+    queue(store).submit([b"taken"])
+    first = stream(store, "first")
+    [(entry_id, _)] = first.next_batch(block_ms=100)
+    time.sleep(CLAIM_IDLE_MS * 1.5 / 1000)
+    assert len(stream(store, "second").next_batch(block_ms=10)) == 1
+    first.keep_claimed([entry_id])  # too late: "second" owns it now
+    [owner] = store.xpending_range(protocol.STREAM, protocol.GROUP, "-", "+", 10)
+    assert owner["consumer"] == b"second"
 
 
 def test_workers_recreate_the_group_after_a_flush(store):

@@ -13,6 +13,16 @@ log = logging.getLogger(__name__)
 
 Entry = tuple[bytes, Job]  # stream entry id, job
 POLL_INTERVAL_S = 0.0005
+# XCLAIM JUSTID keeps the delivery count; only jobs still ours, or it would take back a job that
+# another worker has meanwhile claimed.
+KEEP_CLAIMED = """
+for i = 3, #ARGV do
+  local entry = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)[1]
+  if entry and entry[2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  end
+end
+"""
 # Atomic, so a consumer cannot receive a job between the check and the delete (which would drop
 # that job from the pending list, where nobody could reclaim it).
 FORGET_IDLE_CONSUMERS = """
@@ -50,6 +60,7 @@ class JobStream:
         self.claim_idle_ms = claim_idle_ms
         self.next_claim_at = 0.0
         self.forget_script = client.register_script(FORGET_IDLE_CONSUMERS)
+        self.keep_script = client.register_script(KEEP_CLAIMED)
 
     def ensure_group(self) -> None:
         try:
@@ -89,18 +100,19 @@ class JobStream:
         return jobs
 
     def reclaim_stale(self) -> list[Entry]:
-        """Takes over jobs left pending longer than claim_idle_ms (their worker died mid-batch).
+        """Takes over a job left pending longer than claim_idle_ms: its worker died or hung (a
+        live one keeps its claims fresh, see keep_claimed).
 
-        XPENDING gives each job's delivery count: a job already delivered MAX_DELIVERIES times
-        killed every worker that took it, so it goes to the dead-letter stream instead of killing
-        this one too, and its caller gets an answer now rather than a timeout.
+        One job at a time, so a batch that took its worker down is retried job by job and a poison
+        job goes down alone. XPENDING gives each job's delivery count: a job already delivered
+        MAX_DELIVERIES times took down every worker that took it, so it goes to the dead-letter
+        stream instead, and its caller gets an answer now rather than a timeout.
         """
         if time.monotonic() < self.next_claim_at:
             return []
-        self.next_claim_at = time.monotonic() + min(1.0, self.claim_idle_ms / 2000)
-        pending = self.redis.xpending_range(protocol.STREAM, protocol.GROUP, "-", "+", self.max_batch,
-                                            idle=self.claim_idle_ms)
+        pending = self.redis.xpending_range(protocol.STREAM, protocol.GROUP, "-", "+", 1, idle=self.claim_idle_ms)
         if not pending:
+            self.next_claim_at = time.monotonic() + min(1.0, self.claim_idle_ms / 2000)
             self.forget_dead_consumers()
             return []
         claimed = self.redis.xclaim(protocol.STREAM, protocol.GROUP, self.consumer, self.claim_idle_ms,
@@ -117,6 +129,11 @@ class JobStream:
                         extra={"request_ids": list(dict.fromkeys(job.public_id for _, job in jobs))})
             metrics.RECLAIMED_JOBS.inc(len(jobs))
         return jobs
+
+    def keep_claimed(self, entry_ids: list[bytes]) -> None:
+        """Resets the idle time of jobs this worker still holds, so that a batch slower than
+        claim_idle_ms is not taken over while it is being processed."""
+        self.keep_script(keys=[protocol.STREAM], args=[protocol.GROUP, self.consumer, *entry_ids])
 
     def dead_letter(self, poisoned: list[Entry]) -> None:
         """Moves jobs to the dead-letter stream and answers their callers, in one transaction."""

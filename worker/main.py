@@ -137,6 +137,19 @@ def publish_model_status(store: redis.Redis, versions: ModelVersions, interval_s
         stop.wait(interval_s)
 
 
+def keep_claims(stream: JobStream, in_hand: list[bytes], liveness: metrics.Liveness, interval_s: float,
+                done: threading.Event) -> None:
+    """Keeps the claim on the batch in hand fresh while the main loop is healthy: another worker
+    takes it over only after this one died or hung, however long the batch takes."""
+    while not done.wait(interval_s):
+        held = list(in_hand)
+        if held and liveness.alive():
+            try:
+                stream.keep_claimed(held)
+            except redis.RedisError as exc:
+                log.error("could not refresh the claim on %d jobs: %s", len(held), exc)
+
+
 def run(settings: Settings, stop: threading.Event) -> None:
     # The read timeout outlasts the 1 s XREADGROUP block, so only a hung Redis trips it.
     store = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=10,
@@ -153,6 +166,10 @@ def run(settings: Settings, stop: threading.Event) -> None:
     log.info("worker %s: redis %s, model server %s, batches of up to %d (wait %d ms)", settings.consumer_name,
              settings.redis_url.split("@")[-1], settings.tfserving_address, settings.max_batch_size,
              settings.max_batch_wait_ms)
+    in_hand: list[bytes] = []
+    done = threading.Event()
+    threading.Thread(target=keep_claims, name="keep-claims", daemon=True,
+                     args=(stream, in_hand, liveness, settings.claim_idle_ms / 4000, done)).start()
     group_ready = False
     while not stop.is_set():
         liveness.beat()
@@ -162,6 +179,7 @@ def run(settings: Settings, stop: threading.Event) -> None:
                 group_ready = True
             batch = stream.next_batch()
             if batch:
+                in_hand[:] = [entry_id for entry_id, _ in batch]
                 stream.finish(process_batch(batch, versions, settings))
         except redis.RedisError as exc:
             group_ready = False
@@ -174,6 +192,9 @@ def run(settings: Settings, stop: threading.Event) -> None:
             # reclaimed after claim_idle_ms and dead-lettered if it keeps failing; this worker goes on
             log.exception("batch failed unexpectedly; its jobs stay pending")
             stop.wait(1)
+        finally:
+            in_hand.clear()
+    done.set()
     try:
         stream.leave_group()
     except redis.RedisError:

@@ -682,8 +682,10 @@ def check_shutdown(objs, timings):
     """Pods get the time they need to stop cleanly. Gateway: its preStop sleep (endpoints removed
     before SIGTERM) plus gunicorn's graceful_timeout plus a margin fit in the grace period.
     Worker: the slowest batch (every Predict attempt timing out, plus backoff) plus a margin fits
-    in the grace period, and CLAIM_IDLE_MS outlasts it, or a batch still in progress is claimed
-    and processed twice. `timings` computes the services' times from their environment."""
+    in the grace period, and CLAIM_IDLE_MS is shorter than the gateway's RESULT_TIMEOUT_S, so a
+    dead worker's jobs are taken over while their callers still wait (a live worker keeps its
+    claims fresh, so a slow batch is not taken over). `timings` computes the services' times
+    from their environment."""
     out = []
     gateway = workload(objs, GATEWAY)
     gw = container(gateway, "gateway")
@@ -703,10 +705,10 @@ def check_shutdown(objs, timings):
     if grace < batch["slowest_batch_s"] + timings.WORKER_MARGIN_S:
         out.append(f"worker terminationGracePeriodSeconds {grace} < slowest batch "
                    f"{batch['slowest_batch_s']:g} s + margin {timings.WORKER_MARGIN_S}")
-    if not batch["claim_idle_ms"] / 1000 > batch["slowest_batch_s"]:
-        out.append(f"worker CLAIM_IDLE_MS {batch['claim_idle_ms']} does not outlast the slowest "
-                   f"batch, GRPC_TIMEOUT_S x (GRPC_RETRIES + 1) + backoff = "
-                   f"{batch['slowest_batch_s']:g} s")
+    result_timeout_s = float(container_env(objs, gateway, gw)["RESULT_TIMEOUT_S"])
+    if not batch["claim_idle_ms"] / 1000 < result_timeout_s:
+        out.append(f"worker CLAIM_IDLE_MS {batch['claim_idle_ms']} is not shorter than the gateway's "
+                   f"RESULT_TIMEOUT_S {result_timeout_s:g}: a dead worker's jobs would be retried for nobody")
     return out
 
 
