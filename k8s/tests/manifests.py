@@ -34,6 +34,7 @@ OVERLAYS = {
     "k8s/overlays/production": {"gpu": True, "tls": True, "dev_secret": False},
     "k8s/overlays/cpu": {"gpu": False, "tls": False, "dev_secret": True},
     "k8s/overlays/keda": {"gpu": True, "tls": True, "dev_secret": False, "keda": True},
+    "k8s/overlays/monitoring": {"gpu": True, "tls": True, "dev_secret": False},
 }
 
 

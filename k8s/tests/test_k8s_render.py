@@ -8,7 +8,10 @@ from kubernetes_validate import utils as kv
 from k8s.tests.manifests import K8S, K8S_VERSION, NAMESPACE, OVERLAYS, ROOT, rendered
 
 # Custom resources have no schema in kubernetes-validate; policy tests check their contents.
-CRDS = {("keda.sh/v1alpha1", "ScaledObject"), ("keda.sh/v1alpha1", "TriggerAuthentication")}
+# (test_monitoring checks the Prometheus Operator's kinds structurally.)
+CRDS = {("keda.sh/v1alpha1", "ScaledObject"), ("keda.sh/v1alpha1", "TriggerAuthentication"),
+        ("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PodMonitor"),
+        ("monitoring.coreos.com/v1", "PrometheusRule")}
 
 
 def test_every_kustomization_is_checked():
