@@ -5,7 +5,8 @@ Contract (the worker depends on it): signature `serving_default`, input `images`
 [N, 10] (class names in the order of the probabilities; the batch dimension is kept so TF
 Serving's server-side batching can split the outputs). All preprocessing is inside the graph.
 Kernels are stored in float16 and computed in float32 (see Float16Kernels); evaluation goes
-through the same function, so it measures the served numbers.
+through the same function, so it measures the served numbers. A second signature, `model_card`
+(no input, output `card`: a JSON string), carries the model card (training/card.py).
 
 Layout: `<base_path>/<integer version>/`, written to a hidden temporary directory first and
 renamed into place, so a server polling base_path never sees a half-written version.
@@ -117,14 +118,25 @@ def write_version(base_path, write, version=None):
     return final
 
 
-def export_savedmodel(model, base_path, version=None, tta="none", temperature=1.0):
-    """Write `model` as version `version` (default: the next integer) under base_path."""
+def export_savedmodel(model, base_path, version=None, tta="none", temperature=1.0, card=None):
+    """Write `model` as version `version` (default: the next integer) under base_path. With a
+    `card` (training.card.build_card), the version also carries it: a `model_card` signature
+    and assets.extra/model_card.json, with the per-image cost measured on the export."""
     # Not archive.track(model): the endpoint tracks the variables it uses, and tracking the model
     # as well stores every weight twice.
     archive = keras.export.ExportArchive()
     archive.add_endpoint(SIGNATURE, serving_function(model, tta, temperature),
                          input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8, name=INPUT)])
-    return write_version(base_path, lambda path: archive.write_out(path, verbose=False), version)
+
+    def write(path):
+        if card is None:
+            archive.write_out(path, verbose=False)
+            return
+        from training.card import measured_cost, save_with_card  # training.card imports this module
+        with tempfile.TemporaryDirectory() as plain:
+            archive.write_out(plain, verbose=False)
+            save_with_card(plain, {**card, "cost_per_image": measured_cost(plain)}, path)
+    return write_version(base_path, write, version)
 
 
 def probabilities_in_batches(serve, images, batch_size=500, progress=None):

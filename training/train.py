@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+from training.card import build_card
 from training.configs import CONFIGS, PRECISIONS, TrainConfig, get_config
 from training.data import (CifarDataError, channel_stats, dataset_label, ensure_cifar10, load_cifar10,
                            validation_indexes)
@@ -387,11 +388,18 @@ def train(config, data, run_dir, export_base=None, train_limit=None, test_limit=
     evaluation, temperature = write_evaluation(model, config, test_split, run_dir / "evaluation",
                                                dataset_label(data), validation_split)
     if export_base:
-        export_once(model, config, run_dir, export_base, temperature)
+        export_once(model, config, run_dir, export_base, temperature, evaluation)
     return evaluation, history
 
 
-def export_once(model, config, run_dir, export_base, temperature=1.0):
+def trained_date(run_dir):
+    """The UTC date training finished: when the last epoch's checkpoint was written."""
+    state = Path(run_dir) / STATE
+    finished = state.stat().st_mtime if state.exists() else time.time()
+    return time.strftime("%Y-%m-%d", time.gmtime(finished))
+
+
+def export_once(model, config, run_dir, export_base, temperature=1.0, evaluation=None):
     """One exported version per run and test-time augmentation: re-running a finished command
     adds no version; re-running it with another --tta exports that choice as a new version."""
     record = run_dir / "export.json"
@@ -401,7 +409,8 @@ def export_once(model, config, run_dir, export_base, temperature=1.0):
     if config.tta in exports:
         print(f"already exported: {exports[config.tta]['path']}")
         return
-    path = export_savedmodel(model, export_base, tta=config.tta, temperature=temperature)
+    card = build_card(asdict(config), evaluation, trained_date(run_dir)) if evaluation else None
+    path = export_savedmodel(model, export_base, tta=config.tta, temperature=temperature, card=card)
     exports[config.tta] = {"path": str(path), "version": int(path.name)}
     write_atomically(record, json.dumps(exports))
     print(f"exported {path}")

@@ -58,6 +58,21 @@ def test_the_export_reloads_and_agrees_with_the_evaluation(tiny_run, data_dir):
     assert np.allclose(predict_exported(export, images, batch_size=100), probabilities, atol=1e-6)
 
 
+def test_the_export_carries_the_runs_model_card(tiny_run):
+    import time
+    from training.card import CARD_FILE, read_card
+    root, _ = tiny_run
+    card = read_card(root / "models" / "1")
+    assert card == json.loads((root / "models" / "1" / CARD_FILE).read_text())
+    evaluation = json.loads((root / "run/evaluation/evaluation.json").read_text())
+    assert card["evaluation"]["accuracy"] == round(evaluation["accuracy"], 4)
+    assert card["evaluation"]["ece"] == round(evaluation["ece"], 4) and card["evaluation"]["images"] == 256
+    assert card["training"]["config"] == "tiny" and card["training"]["data"] == "CIFAR-10 (JPEG copy)"
+    state = (root / "run" / "state.json").stat().st_mtime
+    assert card["training"]["date"] == time.strftime("%Y-%m-%d", time.gmtime(state))
+    assert card["cost_per_image"]["multiply_adds"] > 0 and card["cost_per_image"]["parameters"] > 0
+
+
 def test_the_export_stores_each_weight_once(tiny_run, data_dir):
     import tensorflow as tf
     from training.configs import get_config

@@ -1,0 +1,88 @@
+"""The model card: written by the export beside the SavedModel and as its `model_card` signature,
+added to the shipped versions without changing what they serve."""
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.card import (CARD_FILE, CARD_SIGNATURE, add_card, build_card, prove_identical, read_card,
+                           signature_contract)
+
+REPO = Path(__file__).resolve().parents[2]
+EVALUATION = {"dataset": "CIFAR-10 (JPEG copy)", "images": 256, "accuracy": 0.123456, "ece": 0.0456789,
+              "temperature": 0.75}
+
+
+@pytest.fixture(scope="module")
+def tiny(data_dir):
+    from training.configs import get_config
+    from training.data import load_cifar10
+    from training.models import build_model
+    train, test = load_cifar10(data_dir)
+    config = get_config("tiny")
+    return config, build_model(config, train.images[:1024]), test.images[:300]
+
+
+def test_the_export_carries_the_card_as_a_signature_and_a_file_and_serves_the_same(tiny, tmp_path):
+    from training.cost import multiply_adds, parameters
+    from training.export import export_savedmodel, predict_exported
+    config, model, images = tiny
+    card = build_card(asdict(config), EVALUATION, "2026-11-27")
+    plain = export_savedmodel(model, tmp_path / "plain", tta="flip")
+    carded = export_savedmodel(model, tmp_path / "carded", tta="flip", card=card)
+
+    served = read_card(carded)
+    assert served == json.loads((carded / CARD_FILE).read_text())
+    assert served["cost_per_image"] == {"multiply_adds": multiply_adds(plain), "parameters": parameters(plain)}
+    assert served["cost_per_image"]["multiply_adds"] > 0 and served["cost_per_image"]["parameters"] > 0
+    assert served["classes"][6] == "frog" and len(served["classes"]) == 10
+    assert served["evaluation"] == {"dataset": "CIFAR-10 (JPEG copy)", "split": "test", "images": 256,
+                                    "accuracy": 0.1235, "ece": 0.0457}
+    assert served["training"]["config"] == "tiny" and served["training"]["date"] == "2026-11-27"
+    assert served["training"]["data"] == "CIFAR-10 (JPEG copy)" and served["training"]["temperature"] == 0.75
+    assert served["training"]["test_time_augmentation"] == config.tta and served["training"]["epochs"] == config.epochs
+    # The card changes nothing that is served: same contract, weights and outputs, bit for bit.
+    assert signature_contract(carded) == signature_contract(plain)
+    assert prove_identical(plain, carded, images) == []
+    assert np.array_equal(predict_exported(plain, images), predict_exported(carded, images))
+
+
+def test_a_card_is_added_to_an_old_version_only_if_it_serves_the_same(tiny, tmp_path):
+    import tensorflow as tf
+    from training.export import export_savedmodel, predict_exported
+    config, model, images = tiny
+    old = export_savedmodel(model, tmp_path, tta="none")
+    before = predict_exported(old, images)
+    card = build_card(asdict(config), EVALUATION, "2026-11-01", {"multiply_adds": 1, "parameters": 2})
+    assert add_card(old, card, images) == old.resolve()
+    assert read_card(old) == card and json.loads((old / CARD_FILE).read_text()) == card
+    assert set(tf.saved_model.load(str(old)).signatures) == {"serving_default", CARD_SIGNATURE}
+    assert np.array_equal(predict_exported(old, images), before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]  # no staging or replaced copy left behind
+
+    # The proof catches a version that would serve anything else.
+    other = export_savedmodel(model, tmp_path, tta="flip")
+    problems = prove_identical(old, other, images)
+    assert any("probabilities differ" in p for p in problems) and any("multiply-adds" in p for p in problems)
+
+
+# Figures from training/results: each version's evaluation report, and `make cost` in student/serving.txt.
+@pytest.mark.parametrize("version,record,accuracy,config,cost", [
+    (1, "default/served", 0.931, "default", {"multiply_adds": 2470262976, "parameters": 7412664}),
+    (2, "student/evaluation", 0.8962, "student", {"multiply_adds": 54334624, "parameters": 1124056}),
+])
+def test_the_shipped_versions_carry_their_cards(version, record, accuracy, config, cost):
+    export = REPO / "models" / "cifar10" / str(version)
+    card = read_card(export)
+    assert card == json.loads((export / CARD_FILE).read_text())
+    evaluation = json.loads((REPO / "training" / "results" / record / "evaluation.json").read_text())
+    assert card["evaluation"]["accuracy"] == accuracy == evaluation["accuracy"]
+    assert card["evaluation"]["ece"] == round(evaluation["ece"], 4)
+    assert card["training"]["config"] == config and card["training"]["data"] == "CIFAR-10 (JPEG copy)"
+    assert card["cost_per_image"] == cost
+    contract = signature_contract(export)
+    assert contract["inputs"] == {"images": (4, [-1, 32, 32, 3])}  # uint8
+    assert contract["outputs"] == {"probabilities": (1, [-1, 10]), "classes": (7, [-1, 10])}
