@@ -18,7 +18,7 @@ SHIPPED_MODEL = Path(os.environ.get("TEST_MODEL_DIR", SHIPPED_BASE / str(max(lis
 CIFAR_ZIP = REPO.parent / "shared" / "data" / "cifar10" / "cifar10-jpeg.zip"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # Short enough to keep the tests quick, long enough for a batch on a busy 2-core machine.
-TEST_SETTINGS = {"CLAIM_IDLE_MS": "5000", "GRPC_TIMEOUT_S": "2", "GRPC_RETRIES": "1", "RESULT_TIMEOUT_S": "20",
+TEST_SETTINGS = {"CLAIM_IDLE_MS": "2000", "GRPC_TIMEOUT_S": "3", "RESULT_TIMEOUT_S": "20",
                  "MAX_UPLOAD_BYTES": str(2 * 1024 * 1024), "MAX_IMAGES_PER_REQUEST": "8", "WEB_CONCURRENCY": "1",
                  "GUNICORN_THREADS": "16"}
 
