@@ -87,14 +87,14 @@ def read_top_k() -> int:
     return int(raw)
 
 
-def read_body() -> bytearray:
+def read_body(incoming) -> bytearray:
     """The request body, read in chunks straight into one buffer: `request.get_data` holds two
     copies while it reads (chunks, then the joined bytes), which is what bounds memory here."""
-    length = request.content_length
+    length = incoming.content_length
     if length is None:  # chunked transfer encoding: rare for uploads
-        return bytearray(request.get_data(cache=False))
+        return bytearray(incoming.get_data(cache=False))
     body = bytearray(length)
-    stream, view, received = request.stream, memoryview(body), 0
+    stream, view, received = incoming.stream, memoryview(body), 0
     while received < length:
         count = stream.readinto(view[received:received + BODY_CHUNK_BYTES])
         if not count:
@@ -107,7 +107,7 @@ def read_images(max_images: int) -> list[memoryview]:
     """Every `image` part of the multipart upload, in order: views of the body, not copies."""
     boundary = boundary_of(request.headers.get("Content-Type"))
     try:
-        parts = parse_parts(read_body(), boundary) if boundary else []
+        parts = parse_parts(read_body(request), boundary) if boundary else []
     except MalformedMultipart as exc:
         raise ApiError(400, "malformed_multipart", str(exc)) from None
     images = [part for part in parts if part.name == "image"]

@@ -5,18 +5,18 @@ and real clients (curl, requests, browsers) send a new random boundary with ever
 Python's regex cache never helps; it also copies each file into a SpooledTemporaryFile (on disk
 past 500 KiB) that has to be read back. `python -m scripts.bench_multipart` (werkzeug 3.1.9, 2 AMD
 EPYC cores, median CPU per request, a fresh boundary each) measured the gateway's whole path
-(request.get_data + parse_parts) against request.files plus reading every file back:
+(gateway.app.read_body + parse_parts) against request.files plus reading every file back:
 
-    one 24 KiB photo       0.03 ms vs 0.46 ms  (~14x; ~0.4 ms saved per request)
-    8 photos               0.17 ms vs 1.6 ms   (~9x)
-    one 1 MiB image        0.42 ms vs 1.9 ms   (~4.5x)
-    one 10 MiB image        10 ms vs 11 ms     (even: reading the body, ~9 ms, is most of both)
+    one 24 KiB photo       0.03 ms vs 0.46 ms  (~16x; ~0.4 ms saved per request)
+    8 photos               0.14 ms vs 1.6 ms   (~12x)
+    one 1 MiB image        0.18 ms vs 1.7 ms   (~9x)
+    one 10 MiB image        2.3 ms vs 10.5 ms  (~4.6x)
 
-So the win is a few tenths of a millisecond per typical request, not the ~10 ms once claimed. The
-cost: the body is read whole (capped by MAX_UPLOAD_BYTES), and request.get_data peaks at twice its
-size (21 MiB traced for a 10 MiB upload, werkzeug 10 MiB). The splitter itself copies nothing: it
-scans the body with bytes.find and each part's data is a memoryview slice of it (the split +
-partition version it replaced allocated 20 MiB more for that upload and took 8 ms instead of 1).
+So the win is a few tenths of a millisecond per typical request, not the ~10 ms once claimed, and
+a few milliseconds for large uploads. The body is read whole (capped by MAX_UPLOAD_BYTES), once,
+into one buffer: 10 MiB traced for a 10 MiB upload, the same as werkzeug. The splitter itself
+copies nothing: it scans the body with bytes.find and each part's data is a memoryview slice of
+it (the split + partition version it replaced allocated 20 MiB more for that upload).
 """
 from dataclasses import dataclass
 

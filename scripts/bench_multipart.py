@@ -9,13 +9,12 @@ neither parser can reuse a compiled regex for it. The body arrives through a str
 read, as gunicorn's socket reader does. Timed, CPU time of this thread per request (median):
 
   find        gateway.multipart.parse_parts(body, boundary_of(content type)), the body already read
-  split       the splitter parse_parts replaced ((CRLF + body).split, then partition), the same way
-  find+read   what gateway/app.py read_images does: Request.get_data(cache=False), then parse_parts
+  find+read   what gateway/app.py read_images does: read_body (chunks into one buffer), then parse_parts
   werkzeug    Request.files as Flask runs it (werkzeug's MultiPartParser on wsgi.input), then
               .read() of every file, since the gateway needs each image's bytes to queue it
 
 Then the peak of traced Python allocations (tracemalloc) for one 10 MiB request, for each path
-(find and split start from the body already in memory, so theirs is on top of it; werkzeug spools
+(find starts from the body already in memory, so its peak is on top of it; werkzeug spools
 files over 500 KiB to a temporary file, so its peak is mostly the final read()).
 Finishes in well under a minute.
 """
@@ -30,26 +29,13 @@ from pathlib import Path
 
 from werkzeug.wrappers import Request
 
-from gateway.multipart import MalformedMultipart, boundary_of, parse_parts, part_from
+from gateway.app import read_body
+from gateway.multipart import boundary_of, parse_parts
 
 PHOTO = Path(__file__).resolve().parents[1] / "tests/assets/photo-800x530-upscaled-cifar-frog.jpg"
 MiB = 1024 * 1024
 SECONDS_PER_CELL = 1.0
 MAX_REPEATS = 400
-
-
-def legacy_parse_parts(body: bytes, boundary: bytes):
-    """gateway/multipart.py before the zero-copy rewrite, for the comparison."""
-    chunks = (b"\r\n" + body).split(b"\r\n--" + boundary)
-    if len(chunks) < 2 or not chunks[-1].startswith(b"--"):
-        raise MalformedMultipart("the multipart body is incomplete (no closing boundary)")
-    parts = []
-    for chunk in chunks[1:-1]:
-        head, separator, data = chunk.partition(b"\r\n\r\n")
-        if not separator:
-            raise MalformedMultipart("a multipart part has no header/body separator")
-        parts.append(part_from(head, data))
-    return parts
 
 
 class SocketBody(io.RawIOBase):
@@ -93,18 +79,14 @@ def run_find(body, content_type, environ):
 def run_find_read(body, content_type, environ):
     request = Request(environ)
     boundary = boundary_of(request.headers.get("Content-Type"))
-    return [part.data for part in parse_parts(request.get_data(cache=False), boundary) if part.name == "image"]
-
-
-def run_split(body, content_type, environ):
-    return [part.data for part in legacy_parse_parts(body, boundary_of(content_type)) if part.name == "image"]
+    return [part.data for part in parse_parts(read_body(request), boundary) if part.name == "image"]
 
 
 def run_werkzeug(body, content_type, environ):
     return [storage.read() for storage in Request(environ).files.getlist("image")]
 
 
-METHODS = {"find": run_find, "split": run_split, "find+read": run_find_read, "werkzeug": run_werkzeug}
+METHODS = {"find": run_find, "find+read": run_find_read, "werkzeug": run_werkzeug}
 
 
 def cases() -> dict[str, list[bytes]]:
