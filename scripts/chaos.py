@@ -288,6 +288,14 @@ def machine() -> dict:
     return {"cpu_model": model, "cpus": os.cpu_count()}
 
 
+def prepare_run(out: str, kind: str) -> tuple[Path, Path, dict]:
+    """The report folder, a fresh run folder for the stack, and the machine's facts (printed)."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    info = {**machine(), "load_average_before": load_average()}
+    print(f"cpu: {info['cpu_model']} x{info['cpus']}; load average before: {info['load_average_before']}", flush=True)
+    return Path(out), Path(tempfile.mkdtemp(prefix=f"{kind}-")), info
+
+
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -413,11 +421,7 @@ def chaos(args) -> int:
         schedule.append(at)
         at += unit * fault.weight
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    run_dir = Path(tempfile.mkdtemp(prefix="chaos-"))
-    info = {**machine(), "load_average_before": load_average()}
-    print(f"cpu: {info['cpu_model']} x{info['cpus']}; load average before: {info['load_average_before']}", flush=True)
+    out, run_dir, info = prepare_run(args.out, "chaos")
     stack = None
     try:
         stack = start_stack(run_dir, args.workers)
@@ -559,11 +563,7 @@ def slope_mib_per_min(series: list[tuple[float, float]], after_s: float) -> floa
 
 
 def soak(args) -> int:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    run_dir = Path(tempfile.mkdtemp(prefix="soak-"))
-    info = {**machine(), "load_average_before": load_average()}
-    print(f"cpu: {info['cpu_model']} x{info['cpus']}; load average before: {info['load_average_before']}", flush=True)
+    out, run_dir, info = prepare_run(args.out, "soak")
     stack = None
     try:
         stack = start_stack(run_dir, args.workers)
