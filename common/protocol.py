@@ -36,6 +36,9 @@ MAX_DELIVERIES = 3
 # its fast 503 depend on it, so it expires soon after the last worker stops seeing a model.
 MODEL_STATUS_KEY = env_str("MODEL_STATUS_KEY", "cifar10:model-status")
 MODEL_STATUS_TTL_S = 5
+# Set beside it (same TTL): the served version's model card, {"version": N, "card": {...} or null
+# for a version exported without one}, which workers fetch once per version; GET /model reads it.
+MODEL_CARD_KEY = env_str("MODEL_CARD_KEY", "cifar10:model-card")
 # Long enough for a gateway that waited its full RESULT_TIMEOUT_S; short enough that results of
 # abandoned requests do not pile up.
 RESULT_TTL_S = 120

@@ -4,6 +4,7 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import redis
 from flask import Flask, Response, g, request
@@ -155,6 +156,27 @@ def deep_readiness(queue: JobQueue) -> Response:
                           "rejected_versions": status["rejected"], **body})
 
 
+WEB_PAGE = Path(__file__).resolve().parent / "static" / "index.html"  # GET /: the page (static/app.js)
+
+
+def model_card_response(store: redis.Redis, retry_after_s: int) -> Response:
+    """GET /model: the served version's model card (training/card.py), as the workers publish it
+    after checking the version's contract (worker.main.served_card)."""
+    raw_status, raw_card = store.mget(protocol.MODEL_STATUS_KEY, protocol.MODEL_CARD_KEY)
+    status = json.loads(raw_status) if raw_status else None
+    if status is None or status.get("version") is None:
+        raise ApiError(503, "model_unavailable", "no model is being served right now; retry shortly",
+                       retry_after=retry_after_s)
+    version = status["version"]
+    record = json.loads(raw_card) if raw_card else None
+    if record is None or record.get("version") != version:
+        raise ApiError(503, "model_unavailable", f"the card of model version {version} is not known yet; retry shortly",
+                       retry_after=retry_after_s)
+    if record["card"] is None:
+        raise ApiError(404, "no_model_card", f"model version {version} was exported without a model card")
+    return json_response({"version": version, **record["card"]})
+
+
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     app = Flask(__name__)
@@ -189,6 +211,17 @@ def create_app(settings: Settings | None = None) -> Flask:
         except ResultTimeout:
             raise ApiError(504, "timeout", f"no result within {settings.result_timeout_s:g} s") from None
         return predict_response(results, top_k, settings.retry_after_s)
+
+    web_page = WEB_PAGE.read_bytes()
+
+    @app.get("/")
+    def index():
+        """The web page: choose or drop images, see each one's top 5 (it calls POST /predict)."""
+        return Response(web_page, mimetype="text/html")
+
+    @app.get("/model")
+    def model():
+        return model_card_response(store, settings.retry_after_s)
 
     @app.get("/healthz")
     def healthz():

@@ -4,13 +4,14 @@ Checked from GetModelMetadata's `serving_default` signature, once per version: a
 answers with other names, types or shapes would fail every request (or worse, answer nonsense),
 so it is not served. The export writes this contract (training/export.py: serving_function).
 """
+import json
 import logging
 import threading
 
 import grpc
 
 from worker import metrics
-from worker.tfserving_client import DT_FLOAT, DT_STRING, DT_UINT8, TFServingClient
+from worker.tfserving_client import CARD_SIGNATURE, DT_FLOAT, DT_STRING, DT_UINT8, TFServingClient
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class ModelVersions:
     def __init__(self, client: TFServingClient):
         self.client = client
         self.verdicts: dict[int, list[str]] = {}  # version -> violations (empty: good)
+        self.has_card: dict[int, bool] = {}  # version -> whether it has a `model_card` signature
+        self.cards: dict[int, dict | None] = {}  # version -> its model card (None: it has none)
         self.lock = threading.Lock()
         self.available: list[int] = []
         self.served: int | None = None
@@ -86,10 +89,12 @@ class ModelVersions:
             known = self.verdicts.get(version)
         if known is not None:
             return known
-        signature = self.client.signature(version)
+        signatures = self.client.signatures(version)
+        signature = signatures.get("serving_default")
         found = violations(signature) if signature is not None else ["no 'serving_default' signature"]
         with self.lock:
             self.verdicts[version] = found
+            self.has_card[version] = CARD_SIGNATURE in signatures
         if found:
             log.error("model version %d breaks the serving contract, not serving it: %s", version, "; ".join(found))
         return found
@@ -98,6 +103,8 @@ class ModelVersions:
         """The highest available version that meets the contract (None if none does)."""
         with self.lock:  # an unloaded version may come back with other files: check it again then
             self.verdicts = {v: p for v, p in self.verdicts.items() if v in available}
+            self.has_card = {v: c for v, c in self.has_card.items() if v in available}
+            self.cards = {v: c for v, c in self.cards.items() if v in available}
         good = None
         for version in available:
             try:
@@ -108,6 +115,32 @@ class ModelVersions:
         metrics.SERVED_VERSION.set(good or 0)
         metrics.REJECTED_VERSIONS.set(len(self.rejected(available)))
         return good
+
+    def card(self, version: int) -> tuple[bool, dict | None]:
+        """(known, card) of a version that passed the contract: its `model_card` signature's
+        answer, fetched once (Predict) and remembered; (True, None) for a version exported without
+        one, (False, None) while it cannot be fetched (asked again on the next call)."""
+        with self.lock:
+            if version in self.cards:
+                return True, self.cards[version]
+            has_card = self.has_card.get(version)
+        if has_card is None:  # not checked against the contract yet
+            return False, None
+        card = None
+        if has_card:
+            try:
+                card = json.loads(self.client.model_card(version))
+                if not isinstance(card, dict):
+                    raise ValueError(f"a JSON {type(card).__name__}, not an object")
+            except grpc.RpcError as exc:  # unloaded meanwhile, or the server went away: next time
+                metrics.GRPC_ERRORS.labels(exc.code().name).inc()
+                return False, None
+            except ValueError as exc:
+                log.error("model version %d has an unreadable model card (%s); serving it without one", version, exc)
+                card = None
+        with self.lock:
+            self.cards[version] = card
+        return True, card
 
     def rejected(self, available: list[int]) -> dict[int, list[str]]:
         with self.lock:

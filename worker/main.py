@@ -111,6 +111,15 @@ def model_status(versions: ModelVersions) -> dict | None:
     return {"version": served, "rejected": {str(v): p for v, p in versions.rejected(versions.available).items()}}
 
 
+def served_card(versions: ModelVersions, served: int | None) -> str | None:
+    """MODEL_CARD_KEY's value for the served version: its card, or null if it was exported
+    without one; None while no version is served or its card could not be fetched yet."""
+    if served is None:
+        return None
+    known, card = versions.card(served)
+    return json.dumps({"version": served, "card": card}) if known else None
+
+
 def publish_model_status(store: redis.Redis, versions: ModelVersions, interval_s: float,
                          stop: threading.Event) -> None:
     """Keeps MODEL_STATUS_KEY set while the model server has a version loaded, for the gateway's
@@ -126,9 +135,14 @@ def publish_model_status(store: redis.Redis, versions: ModelVersions, interval_s
             continue
         try:
             if status is None:
-                store.delete(protocol.MODEL_STATUS_KEY)
+                store.delete(protocol.MODEL_STATUS_KEY, protocol.MODEL_CARD_KEY)
             else:
-                store.set(protocol.MODEL_STATUS_KEY, json.dumps(status), ex=protocol.MODEL_STATUS_TTL_S)
+                card = served_card(versions, status["version"])
+                with store.pipeline() as pipe:  # MULTI: never one version's status beside another's card
+                    pipe.set(protocol.MODEL_STATUS_KEY, json.dumps(status), ex=protocol.MODEL_STATUS_TTL_S)
+                    if card is not None:  # unknown yet: left as it is (GET /model checks its version)
+                        pipe.set(protocol.MODEL_CARD_KEY, card, ex=protocol.MODEL_STATUS_TTL_S)
+                    pipe.execute()
         except redis.RedisError as exc:
             log.error("could not publish model status: %s", exc)
         if status != last_seen:

@@ -15,6 +15,7 @@ DT_UINT8 = 4  # tensorflow.DataType enum values
 DT_FLOAT = 1
 DT_STRING = 7
 INPUT_NAME = "images"  # the SavedModel contract: images uint8 [N,32,32,3] -> probabilities, classes
+CARD_SIGNATURE, CARD_OUTPUT = "model_card", "card"  # no input -> the model card, a JSON string scalar
 CHANNEL_OPTIONS = [
     # Reconnect within a second once the model server is back, instead of gRPC's default of up to 2 minutes.
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -91,15 +92,31 @@ class TFServingClient:
         return sorted(s.version for s in response.model_version_status
                       if s.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE)
 
-    def signature(self, version: int):
-        """The version's `serving_default` SignatureDef, None if it has none."""
+    def signatures(self, version: int) -> dict:
+        """The version's SignatureDefs by name (GetModelMetadata)."""
         request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
         request.model_spec.name = self.model_name
         request.model_spec.version.value = version
         response = self.call(self.predictions.GetModelMetadata, request, retries=0)
         signatures = get_model_metadata_pb2.SignatureDefMap()
         response.metadata["signature_def"].Unpack(signatures)
-        return signatures.signature_def["serving_default"] if "serving_default" in signatures.signature_def else None
+        return dict(signatures.signature_def)
+
+    def signature(self, version: int):
+        """The version's `serving_default` SignatureDef, None if it has none."""
+        return self.signatures(version).get("serving_default")
+
+    def model_card(self, version: int) -> str:
+        """The version's model card, a JSON text: Predict on its `model_card` signature, which
+        takes no input (training/card.py writes it)."""
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = self.model_name
+        request.model_spec.signature_name = CARD_SIGNATURE
+        request.model_spec.version.value = version
+        response = self.call(self.predictions.Predict, request, retries=0)
+        if CARD_OUTPUT not in response.outputs or len(response.outputs[CARD_OUTPUT].string_val) != 1:
+            raise ValueError(f"the {CARD_SIGNATURE} signature did not answer one string '{CARD_OUTPUT}'")
+        return response.outputs[CARD_OUTPUT].string_val[0].decode()
 
     def call(self, method, request, retries: int | None = None):
         """One RPC with a deadline per attempt, retried with exponential backoff while UNAVAILABLE."""

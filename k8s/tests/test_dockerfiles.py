@@ -110,6 +110,16 @@ def test_trainer_has_no_healthcheck_and_a_gpu_variant():
                                                       if c.cmd == "COPY"]
 
 
+def test_gateway_image_carries_the_web_page():
+    """GET / serves gateway/static/index.html, which loads app.js and app.css from /static/."""
+    sources = [src.rstrip("/") for c in final_stage(parse("gateway")) if c.cmd == "COPY" and not c.flags
+               for src in c.value[:-1]]
+    for path in ("gateway/static/index.html", "gateway/static/app.js", "gateway/static/app.css"):
+        assert (ROOT / path).is_file(), path
+        assert any(path == src or path.startswith(src + "/") for src in sources), f"no COPY brings {path}"
+        assert not ignored(path), f".dockerignore leaves out {path}"
+
+
 # ---- build context --------------------------------------------------------------------------
 
 def _dockerignore():
@@ -157,6 +167,7 @@ def test_copied_sources_are_in_the_context(service):
 @pytest.mark.parametrize("path,left_out", [
     ("common/stack.env", False), ("gateway/app.py", False), ("worker/requirements.txt", False),
     ("models/cifar10/1/saved_model.pb", False), ("models/cifar10/2/saved_model.pb", False),
+    ("models/cifar10/2/assets.extra/model_card.json", False), ("gateway/static/app.js", False),
     ("models/cifar10/3/saved_model.pb", True),
     (".git/HEAD", True), (".venv/bin/python", True), ("data/cifar-10-batches-py/x", True),
     ("runs/fast/ckpt", True), ("gateway/tests/test_app.py", True),
