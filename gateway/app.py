@@ -19,6 +19,10 @@ from gateway.settings import Settings
 
 log = logging.getLogger("gateway")
 BODY_CHUNK_BYTES = 256 * 1024
+# The API's OpenAPI 3.1 document (a static file, the contract; tests/test_openapi.py holds the gateway to it)
+# and the page that renders it: Swagger UI, vendored under static/swagger/ (Flask serves /static/).
+OPENAPI_DOCUMENT = Path(__file__).resolve().parent / "openapi.json"
+DOCS_PAGE = Path(__file__).resolve().parent / "static" / "swagger" / "index.html"
 
 # HTTP status for each error code a worker can put in a result.
 RESULT_ERROR_STATUS = {
@@ -241,6 +245,17 @@ def create_app(settings: Settings | None = None) -> Flask:
         body, content_type = metrics.render(queue)
         return Response(body, content_type=content_type)
 
+    openapi_document, docs_page = OPENAPI_DOCUMENT.read_bytes(), DOCS_PAGE.read_bytes()  # read once, at start
+    json.loads(openapi_document)  # a broken document stops the gateway from starting, not a request later
+
+    @app.get("/openapi.json")
+    def openapi():
+        return Response(openapi_document, mimetype="application/json")
+
+    @app.get("/docs")
+    def docs():
+        return Response(docs_page, mimetype="text/html")
+
     @app.before_request
     def start_timer():
         g.started = time.perf_counter()
@@ -276,7 +291,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         code = (exc.name or "error").lower().replace(" ", "_")
-        return json_response(error_body(code, exc.description or exc.name), exc.code)
+        methods = getattr(exc, "valid_methods", None)  # a 405 names the route's methods (RFC 9110)
+        return json_response(error_body(code, exc.description or exc.name), exc.code,
+                             {"Allow": ", ".join(methods)} if methods else None)
 
     @app.errorhandler(Exception)
     def unexpected(exc):

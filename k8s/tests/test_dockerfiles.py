@@ -110,6 +110,19 @@ def test_trainer_has_no_healthcheck_and_a_gpu_variant():
                                                       if c.cmd == "COPY"]
 
 
+def test_gateway_image_carries_its_api_document_and_docs_page():
+    """GET /openapi.json and /docs serve files of the gateway package, Swagger UI's included:
+    nothing is fetched from a CDN, so the image must hold them."""
+    sources = [src.rstrip("/") for c in final_stage(parse("gateway")) if c.cmd == "COPY" and not c.flags
+               for src in c.value[:-1]]
+    for path in ("gateway/openapi.json", "gateway/static/swagger/index.html",
+                 "gateway/static/swagger/swagger-initializer.js", "gateway/static/swagger/swagger-ui-bundle.js",
+                 "gateway/static/swagger/swagger-ui.css", "gateway/static/swagger/LICENSE"):
+        assert (ROOT / path).is_file(), path
+        assert any(path == src or path.startswith(src + "/") for src in sources), f"no COPY brings {path}"
+        assert not ignored(path), f".dockerignore leaves out {path}"
+
+
 def test_gateway_image_carries_the_web_page():
     """GET / serves gateway/static/index.html, which loads app.js and app.css from /static/."""
     sources = [src.rstrip("/") for c in final_stage(parse("gateway")) if c.cmd == "COPY" and not c.flags
@@ -168,6 +181,7 @@ def test_copied_sources_are_in_the_context(service):
     ("common/stack.env", False), ("gateway/app.py", False), ("worker/requirements.txt", False),
     ("models/cifar10/1/saved_model.pb", False), ("models/cifar10/2/saved_model.pb", False),
     ("models/cifar10/2/assets.extra/model_card.json", False), ("gateway/static/app.js", False),
+    ("gateway/openapi.json", False), ("gateway/static/swagger/swagger-ui-bundle.js", False),
     ("models/cifar10/3/saved_model.pb", True),
     (".git/HEAD", True), (".venv/bin/python", True), ("data/cifar-10-batches-py/x", True),
     ("runs/fast/ckpt", True), ("gateway/tests/test_app.py", True),
