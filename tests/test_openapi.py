@@ -10,6 +10,7 @@ import schemathesis
 from schemathesis.config import SchemathesisConfig
 
 from gateway.app import OPENAPI_DOCUMENT
+from tests.test_web import browser  # noqa: F401 (Debian's headless Chromium)
 
 # Fuzzing examples per operation (besides the examples and coverage phases): the whole file takes
 # about 10 s with the stack up on 2 busy cores. SCHEMATHESIS_MAX_EXAMPLES=2000 searches harder.
@@ -41,3 +42,21 @@ def test_stack_survives_the_fuzzing(stack):
     assert not dead, f"died during the fuzzing: {dead}"
     ready = requests.get(f"{stack.gateway_url}/readyz", params={"deep": "1"}, timeout=10)
     assert ready.status_code == 200, ready.text
+
+
+def test_docs_page_renders_every_operation_from_the_gateway_alone(stack, browser):  # noqa: F811
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    document = requests.get(f"{stack.gateway_url}/openapi.json", timeout=10).json()
+    expected = sorted(f"{method.upper()} {path}" for path, item in document["paths"].items() for method in item)
+    browser.get(f"{stack.gateway_url}/docs")
+
+    def operations(driver):
+        blocks = driver.find_elements(By.CSS_SELECTOR, ".opblock-summary")
+        return sorted(f"{b.find_element(By.CLASS_NAME, 'opblock-summary-method').text} "
+                      f"{b.find_element(By.CLASS_NAME, 'opblock-summary-path').get_attribute('data-path')}"
+                      for b in blocks) or None
+    assert WebDriverWait(browser, 30).until(operations) == expected
+    assert document["info"]["title"] in browser.find_element(By.CSS_SELECTOR, ".info .title").text
+    loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert loaded and all(url.startswith(f"{stack.gateway_url}/") for url in loaded), loaded
