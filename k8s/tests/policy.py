@@ -302,7 +302,8 @@ def service_port(objs, svc_name, port) -> bool:
 
 
 def check_ingress(objs):
-    """An Ingress routes POST /predict to a gateway Service port that exists."""
+    """An Ingress routes POST /predict, the web page (/ and /static/) and GET /model to a gateway
+    Service port that exists."""
     out, routes = [], []
     for ing in of_kind(objs, "Ingress"):
         for rule in ing["spec"].get("rules", []):
@@ -313,8 +314,9 @@ def check_ingress(objs):
                     out.append(f"{name(ing)} path {path['path']}: Service {backend['name']} "
                                f"has no port {port}")
                 routes.append((path["path"], backend["name"]))
-    if ("/predict", GATEWAY) not in routes:
-        out.append("no Ingress routes /predict to the gateway Service")
+    for path in ("/predict", "/", "/static/", "/model"):
+        if (path, GATEWAY) not in routes:
+            out.append(f"no Ingress routes {path} to the gateway Service")
     return out
 
 

@@ -105,6 +105,11 @@ def _ingress_wrong_port(objs):
         "backend"]["service"]["port"] = {"number": 80}
 
 
+def _no_web_page(objs):
+    paths = policy.get(objs, "Ingress", "gateway")["spec"]["rules"][0]["http"]["paths"]
+    paths[:] = [p for p in paths if p["path"] != "/static/"]
+
+
 def _model_name(objs):
     args = _container(objs, "tfserving")["args"]
     args[args.index("--model_name=cifar10")] = "--model_name=cifar"
@@ -333,6 +338,7 @@ BROKEN = [
     (_service_selector_typo, "Service/tfserving selects 0 workloads"),
     (_service_wrong_target, "Service/gateway port 5000: target 8080 is no container port"),
     (_ingress_wrong_port, "Service gateway has no port 80"),
+    (_no_web_page, "no Ingress routes /static/ to the gateway Service"),
     (_model_name, "tfserving --model_name is cifar, expected cifar10"),
     (_export_base, "trainer --export-base is /models/cifar, but TF Serving reads /models/cifar10"),
     (_trainer_other_claim, "model volume differs between writer and readers"),
