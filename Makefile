@@ -51,9 +51,10 @@ train: setup data ## Train one config: make train CONFIG=base3 EPOCHS=5 [PRECISI
 configs: setup ## List the training configurations (the seed's study, fast, default)
 	@$(PY) -m training.configs
 
-study: setup data ## Compare configurations in runs/study/STUDY.md: make study EPOCHS=10 [CONFIGS=base1,base3]
-	$(PY) -m training.study $(if $(CONFIGS),--configs $(CONFIGS)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
-		--data $(DATA_DIR) --out runs/study
+STUDY_DIR ?= runs/study
+study: setup data ## Compare configurations (x seeds) in runs/study/STUDY.md [STUDY_DIR=]: make study EPOCHS=10 [CONFIGS=base1,base3] [SEEDS=0,1,2] [JOBS=2]; resumes, skips finished runs
+	$(PY) -m training.study $(if $(CONFIGS),--configs $(CONFIGS)) $(if $(SEEDS),--seeds $(SEEDS)) \
+		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(JOBS),--jobs $(JOBS)) --data $(DATA_DIR) --out $(STUDY_DIR)
 
 bench-train: setup data ## Time the fast recipe from scratch: wall time and test accuracy per epoch [CONFIG= EPOCHS= PRECISION=]
 	$(PY) -m training.bench --config $(CONFIG) $(if $(EPOCHS),--epochs $(EPOCHS)) \
@@ -93,7 +94,17 @@ K8S_VERSION ?= 1.32.0
 K8S_NAMESPACE ?= cifar10
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 K8S_SECRET ?= k8s/overlays/production/redis-password.env
-.PHONY: validate k8s-secret compose-up compose-down train-k8s
+.PHONY: validate k8s-secret compose-up compose-down train-k8s study-k8s
+# The default overlay rendered from a temporary copy of k8s/ with a throwaway Redis password (the
+# trainer template does not depend on it): what `make train-k8s` and `make study-k8s` print
+# instead of creating where there is no kubectl context, or with DRY_RUN=1.
+RENDER_K8S = tree=$$(mktemp -d); trap 'rm -rf "$$tree"' EXIT; \
+	$(PY) -c 'import sys; from k8s.tests.manifests import copy_tree; copy_tree(sys.argv[1])' "$$tree"; \
+	kubectl kustomize "$$tree/k8s"
+CREATE_OR_RENDER = if [ -z "$(DRY_RUN)" ] && kubectl config current-context >/dev/null 2>&1; then \
+		$(PY) -m $(1) $(2) --namespace $(K8S_NAMESPACE); \
+	else echo "no kubectl context (or DRY_RUN=1): printing the manifests, creating nothing" >&2; \
+		$(RENDER_K8S) | $(PY) -m $(1) $(2) --dry-run --template-file -; fi
 
 # Production does not render without the operator's password file, so the overlays are rendered
 # from a temporary copy of k8s/ that has a throwaway one (never the real file).
@@ -104,6 +115,12 @@ validate: setup ## Check deployment offline: compose config, kustomize renders, 
 	for dir in k8s k8s/base $(wildcard k8s/overlays/*); do \
 		kubectl kustomize "$$tree/$$dir" | $(VENV)/bin/kubernetes-validate --strict --quiet --no-warn -k $(K8S_VERSION) -; \
 		echo "$$dir: renders, passes the Kubernetes $(K8S_VERSION) schemas"; done
+	@set -eo pipefail; $(RENDER_K8S) > "$$tree/k8s.yaml"; \
+	$(PY) -m k8s.trainjob.study --dry-run --template-file "$$tree/k8s.yaml" --configs base1,base3 --seeds 0,1,2 \
+		--parallelism 2 | $(VENV)/bin/kubernetes-validate --strict --quiet --no-warn -k $(K8S_VERSION) -; \
+	$(PY) -m k8s.trainjob --dry-run --template-file "$$tree/k8s.yaml" --config default --gpus 8 --nodes 2 \
+		| $(VENV)/bin/kubernetes-validate --strict --quiet --no-warn -k $(K8S_VERSION) -; \
+	echo "make study-k8s, make train-k8s GPUS=8 NODES=2: their Jobs and Service pass the Kubernetes $(K8S_VERSION) schemas"
 	$(PY) -m pytest -q k8s/tests
 
 k8s-secret: ## Create the production Redis password: k8s/overlays/production/redis-password.env (git-ignored, mode 600); keeps an existing one
@@ -118,6 +135,11 @@ compose-up: ## Build the images and start the stack in Docker, gateway on :5000 
 compose-down: ## Stop the Docker stack (volumes, hence trained models, are kept)
 	$(COMPOSE) down
 
-train-k8s: setup ## Train a new model version in the cluster: make train-k8s CONFIG=default EPOCHS=5 [PRECISION=mixed_bfloat16] (kubectl context)
-	$(PY) -m k8s.trainjob --config $(CONFIG) $(if $(EPOCHS),--epochs $(EPOCHS)) \
-		$(if $(PRECISION),--precision $(PRECISION)) --namespace $(K8S_NAMESPACE)
+train-k8s: setup ## Train a new model version in the cluster: make train-k8s CONFIG=default EPOCHS=5 [PRECISION=] [GPUS=8 per pod] [NODES=2 pods] [SCALE_BATCH=1]; no kubectl context or DRY_RUN=1: prints it
+	@set -eo pipefail; $(call CREATE_OR_RENDER,k8s.trainjob,--config $(CONFIG) $(if $(EPOCHS),--epochs $(EPOCHS)) \
+		$(if $(PRECISION),--precision $(PRECISION)) $(if $(GPUS),--gpus $(GPUS)) $(if $(NODES),--nodes $(NODES)) \
+		$(if $(SCALE_BATCH),--scale-batch))
+
+study-k8s: setup ## The study as one Indexed Job, one GPU per run: make study-k8s CONFIGS=base1,base3 SEEDS=0,1,2 [PARALLELISM=4] [EPOCHS=]; no kubectl context or DRY_RUN=1: prints it
+	@set -eo pipefail; $(call CREATE_OR_RENDER,k8s.trainjob.study,$(if $(CONFIGS),--configs $(CONFIGS)) \
+		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(PARALLELISM),--parallelism $(PARALLELISM)) $(if $(EPOCHS),--epochs $(EPOCHS)))

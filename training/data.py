@@ -10,6 +10,7 @@ import hashlib
 import io
 import os
 import pickle
+import secrets
 import sys
 import tarfile
 import urllib.request
@@ -180,7 +181,9 @@ def download(data_dir, url=OFFICIAL_URL, md5=OFFICIAL_MD5) -> Path:
     if target.exists() and _md5(target) == md5:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".part")
+    # Pods of a study starting together on an empty data volume may all download: one file each,
+    # renamed into place whole (every copy is the same bytes).
+    partial = target.with_name(f"{target.name}.{secrets.token_hex(4)}.part")
     with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
         total, done = int(response.headers.get("Content-Length", 0)), 0
         for chunk in iter(lambda: response.read(1 << 16), b""):

@@ -223,4 +223,4 @@ def test_unknown_config_is_refused_before_anything_is_created(capsys):
 def test_make_target_runs_the_tool():
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^train-k8s:.*## ", makefile, re.M)
-    assert "-m k8s.trainjob --config $(CONFIG)" in makefile
+    assert "k8s.trainjob,--config $(CONFIG)" in makefile

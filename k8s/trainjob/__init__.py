@@ -1,13 +1,19 @@
-"""Train a new model version on the cluster: a Job from the `trainer` CronJob template.
+"""Train on the cluster: Jobs from the `trainer` CronJob template.
 
 The CronJob (k8s/base/trainer.yaml) is suspended and never runs by itself; it holds the pod
 template of the deployed overlay (image, GPU, volumes). Each run becomes a Job with a unique
 name; the trainer writes the next integer model version into the model volume and TF Serving
-picks it up.
+picks it up. From the same template:
+- `distributed_job`: one run on several GPUs (MirroredStrategy in one pod) or several pods
+  (an Indexed Job + a headless Service; MultiWorkerMirroredStrategy, TF_CONFIG built in each
+  pod by training.distribute from JOB_COMPLETION_INDEX and the pods' DNS names);
+- `study_job`: many independent runs (configurations x seeds) as one Indexed Job, index i
+  being run i of training.study.study_runs, with a retry budget per index.
 
 Everything here except `Cluster` works on plain dicts and is unit-tested without a cluster.
 """
 import copy
+import math
 import re
 import secrets
 import sys
@@ -20,17 +26,26 @@ TEMPLATE = "trainer"
 CONTAINER = "trainer"
 CONFIG_LABEL = "cifar10/train-config"
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+STUDY_LABEL = "cifar10/study"
+# One Job's pods, for its headless Service (set in the template, so it exists before the pods do).
+TRAIN_JOB_LABEL = "cifar10/train-job"
+# Pods that exchange gradients: the NetworkPolicy trainer-collectives lets them reach each other.
+COLLECTIVE_LABEL = "cifar10/collective"
+COLLECTIVE_PORT = 12345
+GPU = "nvidia.com/gpu"
+STUDY_COMMAND = ["python", "-m", "training.study"]
 # Reasons a pod can sit in Waiting for good; the Job would otherwise look merely slow.
 STUCK_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName",
                  "CreateContainerConfigError", "CreateContainerError"}
 
 
-def job_name(config: str, now: datetime | None = None, suffix: str | None = None) -> str:
-    """`train-<config>-<UTC time>-<random>`: unique, sortable, a valid DNS label (<= 63)."""
+def job_name(config: str, now: datetime | None = None, suffix: str | None = None, kind: str = "train") -> str:
+    """`<kind>-<config>-<UTC time>-<random>`: unique, sortable, a valid DNS label (<= 55, so
+    that an Indexed Job's pod hostnames `<name>-<index>` are labels too)."""
     now = now or datetime.now(timezone.utc)
     suffix = suffix or secrets.token_hex(4)  # two jobs in one second must not collide
     slug = re.sub(r"[^a-z0-9]+", "-", config.lower()).strip("-")[:24].strip("-") or "model"
-    return f"train-{slug}-{now:%Y%m%d-%H%M%S}-{suffix}"
+    return f"{kind}-{slug}-{now:%Y%m%d-%H%M%S}-{suffix}"
 
 
 def job_from_cronjob(cronjob: dict, name: str, config: str, epochs: int | None = None,
@@ -64,6 +79,192 @@ def job_from_cronjob(cronjob: dict, name: str, config: str, epochs: int | None =
     if cronjob["metadata"].get("namespace"):
         metadata["namespace"] = cronjob["metadata"]["namespace"]
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": spec}
+
+
+def _trainer(job: dict) -> dict:
+    return next(c for c in job["spec"]["template"]["spec"]["containers"] if c["name"] == CONTAINER)
+
+
+def _option(args: list[str], option: str) -> str | None:
+    return args[args.index(option) + 1] if option in args and args.index(option) + 1 < len(args) else None
+
+
+def _scale_quantity(value, factor: int) -> str:
+    """A CPU or memory quantity times `factor` ("2" x 4 = "8", "4Gi" x 4 = "16Gi", "500m" x 4 = "2")."""
+    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)([A-Za-z]*)", str(value)).groups()
+    if unit == "m" and float(number) * factor % 1000 == 0:
+        return str(int(float(number) * factor // 1000))
+    scaled = float(number) * factor
+    return f"{int(scaled) if scaled == int(scaled) else scaled}{unit}"
+
+
+def distributed_job(cronjob: dict, name: str, config: str, gpus: int = 1, nodes: int = 1,
+                    epochs: int | None = None, precision: str | None = None, scale_batch: bool = False,
+                    port: int = COLLECTIVE_PORT) -> list[dict]:
+    """One training run on `gpus` GPUs in each of `nodes` pods: [Job] for one pod, [Job, headless
+    Service] for several. Every pod asks for `gpus` GPUs (and the template's CPU and memory times
+    `gpus`); with several pods the Job is Indexed (completions = parallelism = nodes, so all run
+    together), each pod's hostname is `<name>-<index>` under the Service `<name>`, and the trainer
+    builds TF_CONFIG from that (training.distribute). All pods share the run directory
+    /runs/<name>, which only worker 0 writes. A dead worker fails the others' collectives, so the
+    backoff budget is the template's times `nodes`: every restart of the group may cost one
+    failure per pod. With scale_batch each GPU gets the configuration's batch (global batch x
+    GPUs, learning rate scaled: training.distribute.scaled_for_replicas); without, the
+    configuration's batch is split over the GPUs and the run is the single-GPU run."""
+    if gpus < 1 or nodes < 1:
+        raise ValueError("gpus and nodes must be at least 1")
+    job = job_from_cronjob(cronjob, name, config, epochs, precision)
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    trainer = _trainer(job)
+    resources = trainer.setdefault("resources", {})
+    if gpus > 1 or nodes > 1:
+        if str(resources.get("limits", {}).get(GPU, "0")) == "0":
+            raise ValueError("the trainer template asks for no GPU (the cpu overlay?): "
+                             "--gpus and --nodes need the production overlay's GPU trainer")
+    for section in ("requests", "limits"):
+        for resource, value in list(resources.get(section, {}).items()):
+            resources[section][resource] = str(gpus) if resource == GPU else _scale_quantity(value, gpus)
+    if scale_batch:
+        from training.configs import get_config
+        from training.distribute import scaled_for_replicas
+        scaled = scaled_for_replicas(get_config(config, epochs=epochs), gpus * nodes)
+        trainer["args"] = _with_option(trainer["args"], "--batch-size", str(scaled.batch_size))
+        trainer["args"] = _with_option(trainer["args"], "--learning-rate", f"{scaled.learning_rate:g}")
+    if gpus > 1:
+        # NCCL passes tensors between the GPUs of a pod through shared memory, and a container's
+        # /dev/shm is 64 MiB unless a memory volume replaces it.
+        pod.setdefault("volumes", []).append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}})
+        trainer.setdefault("volumeMounts", []).append({"name": "dshm", "mountPath": "/dev/shm"})
+    if nodes == 1:
+        return [job]
+
+    labels = {TRAIN_JOB_LABEL: name, COLLECTIVE_LABEL: "true"}
+    job["metadata"]["labels"].update(labels)
+    pod_meta = spec["template"]["metadata"]
+    pod_meta["labels"].update(labels)
+    spec.update(completionMode="Indexed", completions=nodes, parallelism=nodes,
+                backoffLimit=spec.get("backoffLimit", 2) * nodes)
+    pod["subdomain"] = name
+    trainer["ports"] = [{"name": "collective", "containerPort": port, "protocol": "TCP"}]
+    trainer["env"] = [*trainer.get("env", []),
+                      {"name": "TRAIN_WORKERS", "value": str(nodes)},
+                      {"name": "TRAIN_SERVICE", "value": name},
+                      {"name": "TRAIN_PORT", "value": str(port)}]
+    service = {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "labels": {"app": "trainer", TRAIN_JOB_LABEL: name}},
+        "spec": {
+            # Headless: each pod's DNS name <name>-<index>.<name> resolves to the pod itself,
+            # from the moment it runs (no readiness to wait for: the workers wait for each other).
+            "clusterIP": "None", "publishNotReadyAddresses": True,
+            "selector": {TRAIN_JOB_LABEL: name},
+            "ports": [{"name": "collective", "port": port, "targetPort": port, "protocol": "TCP"}],
+        },
+    }
+    if job["metadata"].get("namespace"):
+        service["metadata"]["namespace"] = job["metadata"]["namespace"]
+    return [job, service]
+
+
+def study_job(cronjob: dict, name: str, configs: list[str], seeds: list[int] | None = None,
+              parallelism: int = 1, epochs: int | None = None, retries: int | None = None) -> dict:
+    """The study as one Indexed Job: completions = configurations x seeds, index i running
+    `python -m training.study ... --index-from-env`, i.e. run i of training.study.study_runs, in
+    its own directory under /runs/<name>/; `parallelism` runs at once, each pod with the
+    template's resources (one GPU in production). A failed index is retried alone, up to
+    `retries` times (backoffLimitPerIndex; default the template's backoffLimit), while the
+    others go on; pods evicted or preempted (DisruptionTarget) are not counted against it. Every
+    finished index rebuilds /runs/<name>/STUDY.md from the results present."""
+    from training.study import study_runs
+    runs = study_runs(configs, seeds, "/")  # the one mapping from index to (config, seed, run directory)
+    template = copy.deepcopy(cronjob["spec"]["jobTemplate"])
+    spec = template["spec"]
+    pod = spec["template"]
+    trainer = next((c for c in pod["spec"]["containers"] if c["name"] == CONTAINER), None)
+    if trainer is None:
+        raise ValueError(f"CronJob {cronjob['metadata']['name']} has no container {CONTAINER!r}")
+    template_args = trainer.get("args", [])
+    args = ["--configs", ",".join(configs), "--out", _option(template_args, "--run-dir") or "/runs/$(JOB_NAME)",
+            "--data", _option(template_args, "--data") or "/data", "--index-from-env"]
+    if seeds:
+        args += ["--seeds", ",".join(map(str, seeds))]
+    if epochs is not None:
+        args += ["--epochs", str(epochs)]
+    trainer["command"], trainer["args"] = list(STUDY_COMMAND), args
+
+    parallelism = max(1, min(parallelism, len(runs)))
+    per_index = spec.pop("backoffLimit", 2) if retries is None else retries
+    deadline = spec.get("activeDeadlineSeconds")
+    spec.update(completionMode="Indexed", completions=len(runs), parallelism=parallelism,
+                backoffLimitPerIndex=per_index,
+                podFailurePolicy={"rules": [{"action": "Ignore",
+                                               "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]})
+    spec.pop("backoffLimit", None)  # the budget is per index; the Job fails only once an index has spent its own
+    if deadline:  # the template's deadline is one run's: a study has ceil(runs / parallelism) waves of them
+        spec["activeDeadlineSeconds"] = deadline * math.ceil(len(runs) / parallelism)
+    label = {STUDY_LABEL: _label_value(name)}
+    pod.setdefault("metadata", {}).setdefault("labels", {}).update(label)
+    metadata = {"name": name, "labels": {**template.get("metadata", {}).get("labels", {}), **label},
+                "annotations": {"cronjob.kubernetes.io/instantiate": "manual",
+                                "cifar10/study-runs": ",".join(f"{r.index}={r.run_dir.name}" for r in runs)[:4000]}}
+    if cronjob["metadata"].get("namespace"):
+        metadata["namespace"] = cronjob["metadata"]["namespace"]
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": spec}
+
+
+def index_set(text: str | None) -> set[int]:
+    """The indexes of a Job status' completedIndexes / failedIndexes ("0-2,5" -> {0, 1, 2, 5})."""
+    out = set()
+    for part in (text or "").split(","):
+        if part:
+            first, _, last = part.partition("-")
+            out.update(range(int(first), int(last or first) + 1))
+    return out
+
+
+def follow_indexed(cluster, namespace: str, name: str, completions: int, out=sys.stdout,
+                   timeout_s: float = 7 * 86400, poll_s: float = 15.0, clock=time.monotonic,
+                   sleep=time.sleep) -> tuple[bool, str]:
+    """Reports an Indexed Job's progress (indexes done, failed, running) until it finishes; then
+    prints the STUDY.md table from the log of the pod that finished last. Returns (ok, reason)."""
+    deadline, seen = clock() + timeout_s, None
+    while True:
+        status = cluster.job_status(namespace, name)
+        done, failed = index_set(status.get("completedIndexes")), index_set(status.get("failedIndexes"))
+        progress = (len(done), tuple(sorted(failed)), status.get("active", 0))
+        if progress != seen:
+            seen = progress
+            out.write(f"{len(done)}/{completions} runs done, {status.get('active', 0)} running"
+                      + (f", failed for good: {sorted(failed)}" if failed else "") + "\n")
+            out.flush()
+        outcome = job_outcome(status)
+        if outcome:
+            table = last_table(cluster, namespace, name)
+            if table:
+                out.write(table + "\n")
+            return outcome
+        if clock() > deadline:
+            return False, f"timed out after {timeout_s:.0f}s; the Job is still there"
+        sleep(poll_s)
+
+
+def _finished_at(pod: dict) -> str:
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        terminated = (status.get("state") or {}).get("terminated") or {}
+        if terminated.get("finishedAt"):
+            return str(terminated["finishedAt"])
+    return str(pod["metadata"].get("creationTimestamp") or "")
+
+
+def last_table(cluster, namespace: str, name: str) -> str | None:
+    """The STUDY.md table the last pod to succeed printed (it includes every run finished before)."""
+    pods = [p for p in cluster.job_pods(namespace, name) if (p.get("status") or {}).get("phase") == "Succeeded"]
+    for pod in sorted(pods, key=_finished_at, reverse=True):
+        log = "".join(cluster.log_stream(namespace, pod["metadata"]["name"], CONTAINER))
+        start = log.rfind("# Study (")
+        if start >= 0:
+            return log[start:].rstrip()
+    return None
 
 
 def _with_option(args: list[str], option: str, value: str) -> list[str]:
@@ -156,8 +357,12 @@ class Cluster:
     def cronjob(self, namespace: str, name: str) -> dict:
         return self._dict(self._batch.read_namespaced_cron_job(name, namespace))
 
-    def create_job(self, namespace: str, job: dict) -> None:
-        self._batch.create_namespaced_job(namespace, client.V1Job.from_dict(job))
+    def create_job(self, namespace: str, job: dict) -> str:
+        """Creates the Job; returns its uid (what objects it owns refer to)."""
+        return self._batch.create_namespaced_job(namespace, client.V1Job.from_dict(job)).metadata.uid
+
+    def create_service(self, namespace: str, service: dict) -> None:
+        self._core.create_namespaced_service(namespace, client.V1Service.from_dict(service))
 
     def job_status(self, namespace: str, name: str) -> dict:
         return self._dict(self._batch.read_namespaced_job_status(name, namespace)).get("status") or {}

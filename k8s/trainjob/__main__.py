@@ -1,9 +1,11 @@
 """make train-k8s: python -m k8s.trainjob --config default [--epochs 5] [--precision mixed_bfloat16]
-    [--namespace cifar10]
+    [--gpus 8] [--nodes 2] [--scale-batch] [--namespace cifar10]
 
 Creates a training Job from the deployed `trainer` CronJob, follows its logs and exits 0 when
-it completes, 1 when it fails or times out. --dry-run with --template-file prints the Job
-without a cluster: kubectl kustomize k8s | python -m k8s.trainjob --dry-run --template-file -
+it completes, 1 when it fails or times out. --gpus N gives the pod N GPUs (MirroredStrategy);
+--nodes M makes it M such pods, an Indexed Job with a headless Service (MultiWorkerMirroredStrategy):
+one run on N x M GPUs (training/distribute.py). --dry-run with --template-file prints the
+manifests without a cluster: kubectl kustomize k8s | python -m k8s.trainjob --dry-run --template-file -
 """
 import argparse
 import json
@@ -11,7 +13,7 @@ import sys
 
 import yaml
 
-from k8s.trainjob import TEMPLATE, Cluster, follow, job_from_cronjob, job_name
+from k8s.trainjob import TEMPLATE, Cluster, distributed_job, follow, job_name
 from training.configs import CONFIGS, PRECISIONS
 
 
@@ -24,6 +26,10 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, help="override the config's epoch count")
     p.add_argument("--precision", choices=PRECISIONS, help="override the config's precision "
                    "(mixed_bfloat16: about twice as fast on recent GPUs)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per pod (default 1)")
+    p.add_argument("--nodes", type=int, default=1, help="pods, one per node, training one model together")
+    p.add_argument("--scale-batch", action="store_true", help="each GPU takes the config's batch (global "
+                   "batch x GPUs, learning rate scaled); default: the config's batch is split over the GPUs")
     p.add_argument("--namespace", default="cifar10")
     p.add_argument("--context", help="kubeconfig context (default: the current one)")
     p.add_argument("--template", default=TEMPLATE, help="name of the CronJob used as template")
@@ -44,21 +50,40 @@ def cronjob_from_file(path: str, name: str) -> dict:
     raise SystemExit(f"no CronJob {name!r} in {path}")
 
 
+def print_manifests(objects, out):
+    """One object as JSON; several as a YAML stream of JSON documents (kubectl apply -f reads both)."""
+    out.write("---\n".join(json.dumps(o, indent=2) + "\n" for o in objects))
+
+
+def create_owned(cluster, namespace, job, owned):
+    """Creates the Job, then the objects it owns (garbage-collected with it)."""
+    uid = cluster.create_job(namespace, job)
+    for obj in owned:
+        if uid:
+            obj["metadata"]["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"],
+                                                   "uid": uid, "blockOwnerDeletion": True}]
+        cluster.create_service(namespace, obj)
+
+
 def main(argv=None, cluster_factory=Cluster, out=sys.stdout) -> int:
     args = parse_args(argv)
     cluster = None if args.template_file else cluster_factory(args.context)
     cronjob = (cronjob_from_file(args.template_file, args.template) if args.template_file
                else cluster.cronjob(args.namespace, args.template))
     name = job_name(args.config)
-    job = job_from_cronjob(cronjob, name, args.config, args.epochs, args.precision)
+    try:
+        job, *owned = distributed_job(cronjob, name, args.config, args.gpus, args.nodes, args.epochs,
+                                      args.precision, args.scale_batch)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}")
     if args.dry_run:
-        json.dump(job, out, indent=2)
-        out.write("\n")
+        print_manifests([job, *owned], out)
         return 0
     if cluster is None:
         raise SystemExit("--template-file creates nothing without --dry-run")
-    cluster.create_job(args.namespace, job)
-    out.write(f"created job/{name} in namespace {args.namespace} (config {args.config})\n")
+    create_owned(cluster, args.namespace, job, owned)
+    shape = f", {args.nodes} pods x {args.gpus} GPUs" if args.nodes > 1 else (f", {args.gpus} GPUs" if args.gpus > 1 else "")
+    out.write(f"created job/{name} in namespace {args.namespace} (config {args.config}{shape})\n")
     if args.no_follow:
         out.write(f"follow it with: kubectl -n {args.namespace} logs -f job/{name}\n")
         return 0
