@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, replace
 
 
 PRECISIONS = ("float32", "mixed_bfloat16")
+TTA = ("none", "flip", "flip_translate")  # test-time augmentation: training.export runs it
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import numpy as np
 import keras
 from keras import ops
 
+from training.augment import Augmented
 from training.calibration import log_probabilities
 from training.data import load_cifar10
 
@@ -69,20 +70,21 @@ def teacher_logits(teacher_dir, images, cache):
     return logits
 
 
-class Distiller(keras.Model):
+class Distiller(Augmented):
     """Trains `student` on alpha * cross-entropy(labels) + (1 - alpha) * T^2 * KL(teacher_T ||
     student_T), where _T is a softmax at temperature T (keras-io's knowledge distillation, with
     the teacher's logits arriving beside the labels: y = [one-hot labels | teacher logits]).
-    Batches with labels only (validation) are scored on the labels alone."""
+    Batches with labels only (validation) are scored on the labels alone. Like any trained model
+    here, the student sees its batches through the augmentation step (training.augment)."""
 
-    def __init__(self, student, alpha, temperature, label_smoothing=0.0, **kwargs):
-        super().__init__(**kwargs)
-        self.student, self.alpha, self.temperature = student, alpha, temperature
-        self.built = student.built  # no weights of its own: checkpoints can load before fit
+    def __init__(self, student, alpha, temperature, label_smoothing=0.0, augmentation=None, **kwargs):
+        super().__init__(student, augmentation, **kwargs)
+        self.alpha, self.temperature = alpha, temperature
         self.hard_loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=label_smoothing)
 
-    def call(self, x, training=False):
-        return self.student(x, training=training)
+    @property
+    def student(self):
+        return self.network
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         labels = y[:, :10]

@@ -1,10 +1,14 @@
 """Keras models for the configurations: the seed's VGG family and the fast airbench-style net.
 
 Every model takes raw pixels (float 0-255, [N, 32, 32, 3]) and returns logits: preprocessing
-and augmentation live inside the model, so the exported graph and the training loop agree.
+lives inside the model, so the exported graph and the training loop agree. Augmentation is not
+part of it: training/augment.py applies it inside the compiled training step.
 """
 
+import json
+import os
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import keras
@@ -20,25 +24,6 @@ def preprocessing_layer(config, mean, std):
         return layers.Normalization(mean=list(mean), variance=list(np.square(std)), name="normalization",
                                     dtype="float32")
     raise ValueError(f"unknown preprocessing {config.preprocessing!r}")
-
-
-def augmentation_layers(config):
-    """Active only in training; their seed state is saved with the weights, so resumes agree.
-    Like preprocessing, they work on float32 pixels whatever the network's precision."""
-    if config.augmentation == "none":
-        return []
-    if config.augmentation == "seed":
-        return [layers.RandomRotation(10 / 360, fill_mode="nearest", seed=config.seed, dtype="float32"),
-                layers.RandomTranslation(0.1, 0.1, fill_mode="nearest", seed=config.seed + 1, dtype="float32"),
-                layers.RandomFlip("horizontal", seed=config.seed + 2, dtype="float32")]
-    if config.augmentation in ("crop_flip", "crop_alternating_flip"):
-        shift = config.crop_pixels / 32
-        crop = layers.RandomTranslation(shift, shift, fill_mode="reflect", interpolation="nearest",
-                                        seed=config.seed, dtype="float32")
-        if config.augmentation == "crop_alternating_flip":
-            return [crop]  # the flips depend on the epoch: training_batches makes them
-        return [crop, layers.RandomFlip("horizontal", seed=config.seed + 1, dtype="float32")]
-    raise ValueError(f"unknown augmentation {config.augmentation!r}")
 
 
 def vgg_network(x, config):
@@ -124,7 +109,7 @@ def airbench_network(x, config, whitening_sample):
 
 
 def build_model(config, train_images):
-    """A functional model: raw pixels -> [augmentation] -> preprocessing -> network -> logits.
+    """A functional model: raw pixels -> preprocessing -> network -> logits.
     The normalization statistics come from `train_images` only. Layers compute in
     config.precision; the logits are float32 either way."""
     previous = keras.mixed_precision.global_policy()
@@ -149,10 +134,7 @@ def _build_model(config, train_images):
     mean, std = channel_stats(train_images)
     preprocess = preprocessing_layer(config, mean, std)
     inputs = keras.Input((32, 32, 3), name="pixels")
-    x = inputs
-    for layer in augmentation_layers(config):
-        x = layer(x)
-    x = preprocess(x)
+    x = preprocess(inputs)
     if config.architecture == "vgg":
         logits = vgg_network(x, config)
     elif config.architecture == "airbench":
@@ -161,3 +143,39 @@ def _build_model(config, train_images):
     else:
         raise ValueError(f"unknown architecture {config.architecture!r}")
     return keras.Model(inputs, logits, name=config.name)
+
+
+# The trained network as a run hands it over: what export needs, from whichever backend trained it.
+WEIGHTS = "weights.float16.npz"
+
+
+def save_network_weights(model, path, meta):
+    """`model`'s weights in a backend-neutral file: conv and dense kernels in float16 (as the
+    export stores them, so exporting from this file serves what exporting the model would),
+    every other weight float32, in the order of model.weights; `meta` (JSON) beside them."""
+    path = Path(path)
+    arrays, described = {}, []
+    for i, variable in enumerate(model.weights):
+        value = np.asarray(keras.ops.convert_to_numpy(variable))
+        arrays[f"w{i}"] = value.astype(np.float16) if variable.path.endswith("/kernel") else value
+        described.append([variable.path, list(value.shape)])
+    arrays["meta"] = np.array(json.dumps({**meta, "variables": described}))
+    partial = path.with_name(f".{path.name}.partial.npz")
+    np.savez(partial, **arrays)
+    os.replace(partial, path)
+
+
+def load_network_weights(model, path):
+    """Load a save_network_weights file into `model`, built from the same configuration (on any
+    backend, in any precision); returns its meta."""
+    with np.load(path) as saved:
+        meta = json.loads(str(saved["meta"]))
+        stored = meta["variables"]
+        if len(stored) != len(model.weights):
+            raise ValueError(f"{path}: {len(stored)} weights, the model has {len(model.weights)}")
+        for i, (variable, (name, shape)) in enumerate(zip(model.weights, stored)):
+            if tuple(variable.shape) != tuple(shape) or variable.path.rsplit("/", 1)[-1] != name.rsplit("/", 1)[-1]:
+                raise ValueError(f"{path}: weight {i} is {name} {shape}, the model's is "
+                                 f"{variable.path} {list(variable.shape)}")
+            variable.assign(saved[f"w{i}"].astype(variable.dtype))
+    return meta

@@ -4,35 +4,41 @@
         [--export-base models/cifar10]
 
 The run directory gets: config.json, metrics.csv (one row per epoch), tensorboard/, history.png,
-checkpoints/ (the last completed epoch), evaluation/ (report, confusion matrix, misclassified
-images) and, with --export-base, the exported SavedModel's path in export.json. Killed at any
-point, the same command continues from the last completed epoch and ends where an
-uninterrupted run would. The test split is only ever evaluated, never trained on.
+checkpoints/ (the last completed epoch), weights.float16.npz (the trained network, what export
+needs), evaluation/ (report, confusion matrix, misclassified images) and, with --export-base, the
+exported SavedModel's path in export.json. Killed at any point, the same command continues from
+the last completed epoch and ends where an uninterrupted run would. The test split is only ever
+evaluated, never trained on.
+
+The same loop runs under both Keras backends: KERAS_BACKEND=tensorflow (the default) or jax.
+Augmentation runs inside the compiled step (training/augment.py). Evaluation and export always go
+through TensorFlow: under JAX the run ends with its weights file, and `make export RUN=<run dir>`
+(python -m training.finish) evaluates and exports it on a machine with TensorFlow.
 """
 
 import argparse
 import csv
+import importlib.util
 import io
+import itertools
 import json
 import os
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
-import tensorflow as tf
 import keras
+from keras import ops
 
-from training.card import build_card
-from training.configs import CONFIGS, PRECISIONS, TrainConfig, get_config
+from training.augment import Augmentation, Augmented
+from training.configs import CONFIGS, PRECISIONS, TTA, TrainConfig, get_config
 from training.data import (CifarDataError, channel_stats, dataset_label, ensure_cifar10, load_cifar10,
                            validation_indexes)
 from training.distill import TEACHER_LOGITS, Distiller, teacher_logits
-from training.evaluate import write_evaluation
-from training.export import TTA, export_savedmodel
-from training.models import build_model, float32_twin
-from training.plots import plot_history
+from training.models import WEIGHTS, build_model, save_network_weights
 
 STATE = "state.json"
 
@@ -47,55 +53,26 @@ def write_atomically(path, text):
 
 def training_batches(split, config, first_epoch, steps_per_epoch, soft_targets=None):
     """Batches for epochs first_epoch.. in an order fixed by (seed, epoch), so a resumed run
-    sees exactly the batches an uninterrupted one would. With a teacher's `soft_targets`, the
-    targets are [one-hot labels | teacher logits], what the Distiller trains on."""
-    images, labels = tf.constant(split.images), tf.one_hot(split.labels, 10)
+    sees exactly the batches an uninterrupted one would: (inputs, targets) with inputs the raw
+    uint8 pixels and, for the augmentation step (training.augment), each image's index in the
+    split, the epoch and the batch number. With a teacher's `soft_targets`, the targets are
+    [one-hot labels | teacher logits], what the Distiller trains on. Plain numpy: the same
+    pipeline feeds TensorFlow and JAX."""
+    targets = np.eye(10, dtype=np.float32)[split.labels]
     if soft_targets is not None:
-        labels = tf.concat([labels, tf.constant(soft_targets, tf.float32)], axis=1)
-    n = len(split.labels)
-    # airbench's alternating flip: a random half of the images is mirrored in even epochs, the
-    # other half in odd ones, so every image is seen both ways every two epochs.
-    mirrored_in_even_epochs = tf.random.stateless_uniform([n], seed=[config.seed, -1]) < 0.5
-    alternating_flip = config.augmentation == "crop_alternating_flip"
-    mean_pixel = tf.constant(channel_stats(split.images)[0], tf.float32) if config.cutout else None
-
-    def epoch_order(epoch):
-        order = tf.random.experimental.stateless_shuffle(tf.range(n), seed=tf.stack([config.seed, epoch]))
-        order = order[:steps_per_epoch * config.batch_size]
-        return tf.data.Dataset.from_tensor_slices((order, tf.fill(tf.shape(order), epoch)))
-
-    def batch(idx, epoch):
-        x = tf.cast(tf.gather(images, idx), tf.float32)
-        if alternating_flip:
-            mirror = tf.not_equal(tf.gather(mirrored_in_even_epochs, idx), epoch % 2 == 1)
-            x = tf.where(mirror[:, None, None, None], tf.reverse(x, axis=[2]), x)
-        if config.cutout:
-            # Batches of an epoch hold distinct images: (epoch, first image) names a batch.
-            seed = tf.stack([config.seed, -2 - tf.cast(epoch[0], tf.int32) * n - idx[0]])
-            x = cutout(x, config.cutout, mean_pixel, seed)
-        return x, tf.gather(labels, idx)
-
-    return (tf.data.Dataset.range(first_epoch, 1 << 30)
-            .flat_map(epoch_order)
-            .batch(config.batch_size, drop_remainder=True)
-            .map(batch)
-            .prefetch(2))
+        targets = np.concatenate([targets, np.asarray(soft_targets, np.float32)], axis=1)
+    n, size = len(split.labels), config.batch_size
+    for epoch in itertools.count(first_epoch):
+        order = np.random.default_rng([config.seed, epoch]).permutation(n).astype(np.int32)
+        for batch in range(steps_per_epoch):
+            index = order[batch * size:(batch + 1) * size]
+            yield ({"pixels": split.images[index], "index": index, "epoch": np.full(size, epoch, np.int32),
+                    "batch": np.full(size, batch, np.int32)}, targets[index])
 
 
-def cutout(images, size, fill, seed):
-    """One size x size square per image, inside the image, set to `fill`: the network must
-    recognize objects from their parts (and the square is zero once normalized)."""
-    corners = tf.random.stateless_uniform([tf.shape(images)[0], 2], seed, maxval=33 - size, dtype=tf.int32)
-    positions = tf.range(32)[None, :]
-    rows = (positions >= corners[:, :1]) & (positions < corners[:, :1] + size)
-    columns = (positions >= corners[:, 1:]) & (positions < corners[:, 1:] + size)
-    square = rows[:, :, None, None] & columns[:, None, :, None]
-    return tf.where(square, fill, images)
-
-
-def test_batches(split, batch_size=500):
-    return (tf.data.Dataset.from_tensor_slices((split.images, tf.one_hot(split.labels, 10)))
-            .batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y)).prefetch(2))
+def test_data(split):
+    """(uint8 pixels, one-hot labels): the network casts them, unaugmented."""
+    return split.images, np.eye(10, dtype=np.float32)[split.labels]
 
 
 # --- model --------------------------------------------------------------------------------
@@ -158,25 +135,30 @@ class BiasScaledSGD(keras.optimizers.SGD):
 class Lookahead(keras.callbacks.Callback):
     """airbench's lookahead (from hlb-cifar10): from the 4th epoch on, every 5 steps the weights
     move to a slow average of themselves, whose weight grows as 0.95^5 * progress^3, and every
-    epoch ends on the average."""
+    epoch ends on the average. The average stays a backend tensor on the training device, and the
+    model is only touched on the steps that average (under JAX, touching it syncs its state)."""
 
     PERIOD, FIRST_EPOCH = 5, 3
 
     def __init__(self, steps_per_epoch, total_steps, slow=None):
         super().__init__()
-        self.steps_per_epoch, self.total_steps, self.slow = steps_per_epoch, total_steps, slow
+        self.steps_per_epoch, self.total_steps, self.epoch = steps_per_epoch, total_steps, 0
+        self.slow = None if slow is None else [ops.convert_to_tensor(s) for s in slow]
 
     def averaged_variables(self):
         # BatchNorm's moving statistics included: airbench averages every float tensor of the net.
         return [v for v in self.model.weights if "float" in str(v.dtype)]
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
     def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations)
+        step = self.epoch * self.steps_per_epoch + batch + 1  # = optimizer.iterations, without a sync
         if step <= self.FIRST_EPOCH * self.steps_per_epoch:
             return
         if step % self.PERIOD == 0:
             if self.slow is None:
-                self.slow = [v.numpy().copy() for v in self.averaged_variables()]
+                self.slow = [ops.copy(v.value) for v in self.averaged_variables()]
             else:
                 decay = 0.95 ** self.PERIOD * (step / self.total_steps) ** 3
                 self.move_to_average(decay)
@@ -184,9 +166,13 @@ class Lookahead(keras.callbacks.Callback):
             self.move_to_average(decay=1.0)
 
     def move_to_average(self, decay):
-        for slow, variable in zip(self.slow, self.averaged_variables()):
-            slow += (1 - decay) * (variable.numpy() - slow)
+        variables = self.averaged_variables()
+        self.slow = [slow + (1 - decay) * (variable.value - slow) for slow, variable in zip(self.slow, variables)]
+        for slow, variable in zip(self.slow, variables):
             variable.assign(slow)
+
+    def slow_arrays(self):
+        return [np.asarray(ops.convert_to_numpy(s)) for s in self.slow]
 
 
 def make_optimizer(config, steps_per_epoch):
@@ -199,20 +185,33 @@ def make_optimizer(config, steps_per_epoch):
     raise ValueError(f"unknown optimizer {config.optimizer!r}")
 
 
-def compile_model(model, config, steps_per_epoch):
-    """The model that fit() trains and checkpoints hold: `model` itself, or with a teacher the
-    Distiller around it."""
+def jit_compile():
+    """Whether XLA compiles the whole training step (it can: augmentation is part of it). Under
+    JAX always; under TensorFlow where a GPU is visible, which is Keras' own "auto" choice: on
+    CPUs, TensorFlow's oneDNN kernels outrun XLA's (measured in the README), and with op
+    determinism (--deterministic) Keras refuses XLA."""
+    if keras.backend.backend() != "tensorflow":
+        return True
+    import tensorflow as tf
+    from tensorflow.python.framework.config import is_op_determinism_enabled
+    return bool(tf.config.list_physical_devices("GPU")) and not is_op_determinism_enabled()
+
+
+def compile_model(model, config, steps_per_epoch, augmentation=None, jit=None):
+    """The model that fit() trains and checkpoints hold: `model` behind the augmentation step
+    (training.augment.Augmented), or with a teacher the Distiller, which is one too. `jit`:
+    XLA or not (default: jit_compile())."""
     if config.teacher:
-        trained = Distiller(model, config.distill_alpha, config.distill_temperature, config.label_smoothing)
-        trained.compile(optimizer=make_optimizer(config, steps_per_epoch),
-                        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
-        return trained
-    model.compile(
-        optimizer=make_optimizer(config, steps_per_epoch),
-        loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing),
-        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-    )
-    return model
+        trained = Distiller(model, config.distill_alpha, config.distill_temperature, config.label_smoothing,
+                            augmentation)
+        loss = None
+    else:
+        trained = Augmented(model, augmentation)
+        loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing)
+    trained.compile(optimizer=make_optimizer(config, steps_per_epoch), loss=loss,
+                    metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+                    jit_compile=jit_compile() if jit is None else jit)
+    return trained
 
 
 # --- checkpoints --------------------------------------------------------------------------
@@ -253,11 +252,12 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.model.save_weights(weights)
         state = {"epoch": epoch + 1, "weights": weights.name, "wall_seconds": self.wall_time,
                  "history": self.history,
-                 "seed_states": {k: np.asarray(v).tolist() for k, v in seed_states(self.model).items()}}
+                 "seed_states": {k: np.asarray(v).tolist() for k, v in seed_states(self.model).items()},
+                 "backend": keras.backend.backend()}
         saved = {weights}
         if self.lookahead and self.lookahead.slow is not None:
             slow = weights.with_name(f"epoch-{epoch + 1:04d}.lookahead.npz")
-            np.savez(slow, *self.lookahead.slow)
+            np.savez(slow, *self.lookahead.slow_arrays())
             state["lookahead"] = slow.name
             saved.add(slow)
         write_atomically(self.run_dir / STATE, json.dumps(state))
@@ -323,28 +323,42 @@ def check_same_config(run_dir, config):
 
 # --- the run --------------------------------------------------------------------------------
 
+def load_splits(config, data, train_limit=None, test_limit=None):
+    """The images a run trains on, monitors and is tested on: `train`, `validation` (None without
+    a validation_size), `test`, `kept` (the indexes of `train` among the first train_limit
+    training images) and `all_train_images` (every training image: what a teacher labels)."""
+    train_split, test_split = load_cifar10(ensure_cifar10(data))
+    all_train_images = train_split.images
+    if train_limit:
+        train_split = train_split.take(train_limit)
+    if test_limit:
+        test_split = test_split.take(test_limit)
+    kept, validation_split = np.arange(len(train_split.labels)), None
+    if config.validation_size:
+        kept, held_out = validation_indexes(train_split.labels, config.validation_size, config.seed)
+        train_split, validation_split = train_split.subset(kept), train_split.subset(held_out)
+    return SimpleNamespace(train=train_split, validation=validation_split, test=test_split, kept=kept,
+                           all_train_images=all_train_images)
+
+
 def train(config, data, run_dir, export_base=None, train_limit=None, test_limit=None, verbose=None,
           touch_test=True):
     """Train (or resume) `config` in run_dir; returns (evaluation, per-epoch history). Without
     touch_test (a trial that chooses settings on the validation split) there is no test
-    evaluation and no export, and the evaluation is None."""
+    evaluation and no export, and the evaluation is None. Under a backend other than TensorFlow
+    the evaluation is None too: the run ends with its weights file, for `make export`."""
     keras.utils.set_random_seed(config.seed)
     run_dir = Path(run_dir)
+    backend = keras.backend.backend()
+    if export_base and backend != "tensorflow" and importlib.util.find_spec("tensorflow") is None:
+        raise ValueError(f"export goes through TensorFlow, which is not installed here: train without "
+                         f"--export-base, then `make export RUN={run_dir}` where it is")
     check_same_config(run_dir, config)
-    train_split, test_split = load_cifar10(ensure_cifar10(data))
+    splits = load_splits(config, data, train_limit, test_limit)
+    train_split, validation_split, test_split = splits.train, splits.validation, splits.test
     soft_targets = None
     if config.teacher:  # over every training image, so runs on slices can share one cache file
-        soft_targets = teacher_logits(config.teacher, train_split.images, run_dir / TEACHER_LOGITS)
-    if train_limit:
-        train_split = train_split.take(train_limit)
-        soft_targets = soft_targets[:train_limit] if soft_targets is not None else None
-    if test_limit:
-        test_split = test_split.take(test_limit)
-    validation_split = None
-    if config.validation_size:
-        kept, held_out = validation_indexes(train_split.labels, config.validation_size, config.seed)
-        train_split, validation_split = train_split.subset(kept), train_split.subset(held_out)
-        soft_targets = soft_targets[kept] if soft_targets is not None else None
+        soft_targets = teacher_logits(config.teacher, splits.all_train_images, run_dir / TEACHER_LOGITS)[splits.kept]
     monitored = "val" if validation_split else "test"
     if not touch_test and (validation_split is None or export_base):
         raise ValueError("a trial that leaves the test split alone needs a validation split and no export")
@@ -353,7 +367,7 @@ def train(config, data, run_dir, export_base=None, train_limit=None, test_limit=
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_split.labels)} training images do not fill one batch of {config.batch_size}")
     model = build_model(config, train_split.images)
-    trained = compile_model(model, config, steps_per_epoch)
+    trained = compile_model(model, config, steps_per_epoch, Augmentation(config, train_split.images))
     state = restore(trained, run_dir)
     first_epoch = state["epoch"] if state else 0
     history = state["history"] if state else []
@@ -361,8 +375,8 @@ def train(config, data, run_dir, export_base=None, train_limit=None, test_limit=
         print(f"resuming {run_dir} after epoch {first_epoch}/{config.epochs}", flush=True)
 
     if first_epoch < config.epochs:
-        print(f"training {config.name}: {len(train_split.labels)} train images, {steps_per_epoch} steps "
-              f"of {config.batch_size} per epoch, {config.epochs} epochs", flush=True)
+        print(f"training {config.name} under {backend}: {len(train_split.labels)} train images, {steps_per_epoch} "
+              f"steps of {config.batch_size} per epoch, {config.epochs} epochs", flush=True)
         lookahead = None
         if config.lookahead:
             slow = state.get("lookahead") if state else None
@@ -370,26 +384,53 @@ def train(config, data, run_dir, export_base=None, train_limit=None, test_limit=
                 with np.load(run_dir / "checkpoints" / slow) as saved:
                     slow = [saved[f"arr_{i}"] for i in range(len(saved.files))]
             lookahead = Lookahead(steps_per_epoch, config.epochs * steps_per_epoch, slow)
+        # TensorBoard's writer is TensorFlow's: under JAX, metrics.csv and history.png say the same.
+        board = [keras.callbacks.TensorBoard(run_dir / "tensorboard")] if backend == "tensorflow" else []
         trained.fit(
             training_batches(train_split, config, first_epoch, steps_per_epoch, soft_targets),
             steps_per_epoch=steps_per_epoch, initial_epoch=first_epoch, epochs=config.epochs,
-            validation_data=test_batches(validation_split or test_split), shuffle=False,
+            validation_data=test_data(validation_split or test_split), validation_batch_size=500, shuffle=False,
             callbacks=[*([lookahead] if lookahead else []),
                        EpochCheckpoint(run_dir, history, state["wall_seconds"] if state else 0.0, lookahead,
                                        monitored),
-                       keras.callbacks.TensorBoard(run_dir / "tensorboard")],
+                       *board],
             verbose=verbose if verbose is not None else (1 if sys.stdout.isatty() else 2),
         )
-    plot_history(history, run_dir / "history.png", title=f"{config.name}: {config.description}",
-                 monitored="validation" if validation_split else "test")
+    mean, std = channel_stats(train_split.images)
+    save_network_weights(model, run_dir / WEIGHTS, {
+        "backend": backend, "config": config.name, "epoch": history[-1]["epoch"] if history else 0,
+        "train_limit": train_limit, "test_limit": test_limit, "mean": mean.tolist(), "std": std.tolist()})
+    draw_history(run_dir, config, history)
     if not touch_test:
         return None, history
-    model = float32_twin(model, config, train_split.images)
-    evaluation, temperature = write_evaluation(model, config, test_split, run_dir / "evaluation",
-                                               dataset_label(data), validation_split)
-    if export_base:
-        export_once(model, config, run_dir, export_base, temperature, evaluation)
-    return evaluation, history
+    if backend != "tensorflow":
+        if not export_base:
+            print(f"trained under {backend}; evaluate and export with TensorFlow: make export RUN={run_dir}")
+            return None, history
+        return finish_in_tensorflow(run_dir, data, export_base, config.tta), history
+    from training.finish import finish_run  # TensorFlow's side: evaluation through the export's function
+    return finish_run(config, run_dir, splits, dataset_label(data), export_base), history
+
+
+def draw_history(run_dir, config, history):
+    """history.png, where matplotlib is installed (a bare JAX machine may lack it: then `make
+    export` draws it from state.json)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        print("matplotlib is not installed: no history.png (make export draws it)")
+        return
+    from training.plots import plot_history
+    plot_history(history, Path(run_dir) / "history.png", title=f"{config.name}: {config.description}",
+                 monitored="validation" if config.validation_size else "test")
+
+
+def finish_in_tensorflow(run_dir, data, export_base, tta):
+    """Evaluation and export of a run trained under another backend, by training.finish in a
+    TensorFlow process (a process has one Keras backend); returns the evaluation."""
+    import subprocess
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_FORCE_GPU_ALLOW_GROWTH": "true"}
+    subprocess.run([sys.executable, "-m", "training.finish", str(run_dir), "--data", str(data),
+                    "--export-base", str(export_base), "--tta", tta], env=env, check=True)
+    return json.loads((Path(run_dir) / "evaluation" / "evaluation.json").read_text())
 
 
 def trained_date(run_dir):
@@ -409,7 +450,9 @@ def export_once(model, config, run_dir, export_base, temperature=1.0, evaluation
     if config.tta in exports:
         print(f"already exported: {exports[config.tta]['path']}")
         return
+    from training.card import build_card  # TensorFlow's side, like the export
     card = build_card(asdict(config), evaluation, trained_date(run_dir)) if evaluation else None
+    from training.export import export_savedmodel
     path = export_savedmodel(model, export_base, tta=config.tta, temperature=temperature, card=card)
     exports[config.tta] = {"path": str(path), "version": int(path.name)}
     write_atomically(record, json.dumps(exports))
@@ -445,7 +488,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.deterministic:
+    if args.deterministic and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf  # XLA on the CPU, JAX's backend here, is deterministic as it is
         tf.config.experimental.enable_op_determinism()
     config = get_config(args.config, epochs=args.epochs, batch_size=args.batch_size,
                         learning_rate=args.learning_rate, tta=args.tta, precision=args.precision,
@@ -458,6 +502,10 @@ def main(argv=None):
         sys.exit(f"error: {exc}")
     if args.trial:
         print(f"validation accuracy {history[-1]['val_accuracy']:.4f} (trial: test split not evaluated)")
+        return
+    if evaluation is None:
+        print(f"last epoch: {history[-1]['val_accuracy']:.4f} {'validation' if config.validation_size else 'test'} "
+              f"accuracy without test-time augmentation" if history else "no epoch trained")
         return
     print(f"test accuracy {evaluation['accuracy']:.4f} ({evaluation['dataset']})")
 

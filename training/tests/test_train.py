@@ -29,6 +29,7 @@ def test_one_epoch_writes_the_whole_run_directory(tiny_run):
         assert (run / name).is_file(), name
     assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
     assert "epoch 1:" in result.stdout and "test accuracy" in result.stdout
+    assert "jit_compile" not in result.stderr  # no fallback: the whole step compiles
     header, row = (run / "metrics.csv").read_text().splitlines()
     assert header.split(",")[:3] == ["epoch", "accuracy", "loss"] and row.startswith("1,")
     evaluation = json.loads((run / "evaluation/evaluation.json").read_text())
@@ -196,56 +197,121 @@ def test_kill_9_then_resume_ends_where_an_uninterrupted_run_does(data_dir, tmp_p
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["val_accuracy"] == b["val_accuracy"]
 
 
+def augmented_epochs(split, config, epochs, steps_per_epoch, first_epoch=0):
+    """[(images after the augmentation step, their indexes)] per epoch, as training sees them."""
+    from training.augment import Augmentation
+    from training.train import training_batches
+    augment = Augmentation(config, split.images)
+    batches = training_batches(split, config, first_epoch, steps_per_epoch)
+    out = []
+    for _ in range(epochs):
+        steps = [next(batches)[0] for _ in range(steps_per_epoch)]
+        out.append((np.concatenate([np.asarray(augment(**inputs)) for inputs in steps]),
+                    np.concatenate([inputs["index"] for inputs in steps])))
+    return out
+
+
 def test_alternating_flip_mirrors_each_image_in_every_other_epoch(data_dir):
     from dataclasses import replace
     from training.configs import get_config
     from training.data import load_cifar10
-    from training.train import training_batches
     train, _ = load_cifar10(data_dir)
     split = train.take(128)
-    config = replace(get_config("tiny"), augmentation="crop_alternating_flip", batch_size=64)
-    batches = training_batches(split, config, first_epoch=0, steps_per_epoch=2).take(6)
-    originals, mirrors = split.images.reshape(128, -1), split.images[:, :, ::-1].reshape(128, -1)
-
-    def find(image):
-        """(index, mirrored) of a batch image among the originals."""
-        image = image.astype(np.uint8).reshape(1, -1)
-        plain, mirrored = np.flatnonzero((originals == image).all(1)), np.flatnonzero((mirrors == image).all(1))
-        assert len(plain) + len(mirrored) == 1, "a symmetric or unknown image"
-        return (plain[0], False) if len(plain) else (mirrored[0], True)
-
-    epochs = [{}, {}, {}]
-    for step, (images, _) in enumerate(batches):
-        epochs[step // 2].update(find(image) for image in images.numpy())
+    config = replace(get_config("tiny"), augmentation="crop_alternating_flip", crop_pixels=0, batch_size=64)
+    epochs = []
+    for images, indexes in augmented_epochs(split, config, 3, 2):
+        mirrored = {}
+        for image, i in zip(images, indexes):
+            plain, mirror = np.array_equal(image, split.images[i]), np.array_equal(image, split.images[i][:, ::-1])
+            assert plain != mirror, "a symmetric or changed image"
+            mirrored[i] = mirror
+        epochs.append(mirrored)
     assert all(sorted(epoch) == list(range(128)) for epoch in epochs)
     assert 40 < sum(epochs[0].values()) < 88
     assert all(epochs[0][i] != epochs[1][i] and epochs[0][i] == epochs[2][i] for i in range(128))
+
+
+def test_crops_are_reflected_whole_pixel_shifts_and_flips_mirror_about_half(data_dir):
+    from dataclasses import replace
+    from training.configs import get_config
+    from training.data import load_cifar10
+    train, _ = load_cifar10(data_dir)
+    split = train.take(64)
+    config = replace(get_config("tiny"), augmentation="crop_flip", crop_pixels=2, batch_size=64)
+    (images, indexes), = augmented_epochs(split, config, 1, 1)
+    shifts, mirrored = set(), 0
+    for image, i in zip(images, indexes):
+        found = [(dy, dx, m) for m in (False, True) for dy in range(-2, 3) for dx in range(-2, 3)
+                 if np.array_equal(image, np.pad(split.images[i][:, ::-1] if m else split.images[i],
+                                                 ((2, 2), (2, 2), (0, 0)), mode="symmetric")[2 + dy:34 + dy, 2 + dx:34 + dx])]
+        assert found, "not a reflected shift of its image"
+        shifts.add(found[0][:2])
+        mirrored += found[0][2]
+    assert len(shifts) > 12 and 16 < mirrored < 48
 
 
 def test_cutout_hides_one_square_per_image_under_the_mean_pixel_and_a_resume_hides_the_same(data_dir):
     from dataclasses import replace
     from training.configs import get_config
     from training.data import channel_stats, load_cifar10
-    from training.train import training_batches
     train, _ = load_cifar10(data_dir)
     split = train.take(128)
-    config = replace(get_config("tiny"), augmentation="crop_flip", cutout=8, batch_size=64)
+    config = replace(get_config("tiny"), augmentation="none", cutout=8, batch_size=64)
     mean_pixel = channel_stats(split.images)[0].astype(np.float32)
-    epochs = [np.concatenate([x.numpy() for x, _ in training_batches(split, config, epoch, 2).take(2)])
-              for epoch in (0, 1)]
+    epochs = augmented_epochs(split, config, 2, 2)
     corners = [{}, {}]
-    for epoch, images in enumerate(epochs):
-        for image in images:
+    for epoch, (images, indexes) in enumerate(epochs):
+        for image, i in zip(images, indexes):
             hidden = (image == mean_pixel).all(-1)
             rows, columns = np.flatnonzero(hidden.any(1)), np.flatnonzero(hidden.any(0))
             assert hidden.sum() == 64 and np.ptp(rows) == 7 and np.ptp(columns) == 7
-            original = np.flatnonzero((split.images[:, ~hidden] == image[~hidden]).all((1, 2)))
-            assert len(original) == 1
-            corners[epoch][original[0]] = (rows[0], columns[0])
+            assert np.array_equal(image[~hidden], split.images[i][~hidden])
+            corners[epoch][i] = (rows[0], columns[0])
     assert len(corners[0]) == len(corners[1]) == 128
     assert sum(corners[0][i] != corners[1][i] for i in range(128)) > 100
-    resumed = next(iter(training_batches(split, config, first_epoch=1, steps_per_epoch=2)))[0].numpy()
-    assert np.array_equal(resumed, epochs[1][:64])
+    (resumed, _), = augmented_epochs(split, config, 1, 2, first_epoch=1)
+    assert np.array_equal(resumed, epochs[1][0])
+
+
+def test_the_seed_augmentation_rotates_shifts_and_flips_by_bilinear_sampling():
+    from dataclasses import replace
+    from training.augment import Augmentation, bilinear
+    from training.configs import get_config
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (16, 32, 32, 3)).astype(np.float32)
+    ys, xs = np.meshgrid(np.arange(32, dtype=np.float32), np.arange(32, dtype=np.float32), indexing="ij")
+    assert np.allclose(np.asarray(bilinear(images, *(np.broadcast_to(g, (16, 32, 32)) for g in (ys, xs)))), images)
+    half = np.asarray(bilinear(images, np.broadcast_to(ys, (16, 32, 32)), np.broadcast_to(np.minimum(xs + 0.5, 31), (16, 32, 32))))
+    assert np.allclose(half[:, :, :31], (images[:, :, :31] + images[:, :, 1:]) / 2, atol=1e-4)
+    augment = Augmentation(replace(get_config("tiny"), augmentation="seed"), images.astype(np.uint8))
+    index, zeros = np.arange(16, dtype=np.int32), np.zeros(16, np.int32)
+    out = np.asarray(augment(images.astype(np.uint8), index, zeros, zeros))
+    assert np.array_equal(out, np.asarray(augment(images.astype(np.uint8), index, zeros, zeros)))
+    assert out.shape == images.shape and 0 <= out.min() and out.max() <= 255
+    assert not np.array_equal(out, np.asarray(augment(images.astype(np.uint8), index, zeros, zeros + 1)))
+
+
+def test_the_training_step_compiles_whole_with_every_augmentation(data_dir):
+    """Augmentation runs inside the XLA-compiled step: Keras keeps jit_compile=True, no fallback."""
+    import warnings
+    from dataclasses import replace
+    from training.augment import Augmentation
+    from training.configs import get_config
+    from training.data import load_cifar10
+    from training.models import build_model
+    from training.train import compile_model, training_batches
+    train, _ = load_cifar10(data_dir)
+    split = train.take(64)
+    for augmentation, cutout in (("seed", 0), ("crop_alternating_flip", 8)):
+        config = replace(get_config("tiny"), augmentation=augmentation, cutout=cutout, batch_size=32)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trained = compile_model(build_model(config, split.images), config, 2, Augmentation(config, split.images),
+                                    jit=True)
+            history = trained.fit(training_batches(split, config, 0, 2), steps_per_epoch=2, epochs=1, verbose=0)
+        assert trained.jit_compile is True
+        assert not [w for w in caught if "jit_compile" in str(w.message)]
+        assert np.isfinite(history.history["loss"]).all()
 
 
 def test_lookahead_averages_every_5_steps_from_the_4th_epoch_and_ends_each_epoch_on_the_average():

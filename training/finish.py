@@ -1,0 +1,98 @@
+"""Evaluate and export a run directory with TensorFlow, whichever backend trained it.
+
+    python -m training.finish RUN_DIR --data data [--export-base models/cifar10] [--tta flip]
+    make export RUN=runs/default
+
+A run trained under JAX (on a GPU machine without TensorFlow, say) ends with its weights file,
+weights.float16.npz. Here that file is loaded into the network built by TensorFlow, evaluated on
+the test split (after fitting the softmax temperature on the validation split, where the
+configuration holds one out), and exported as the next model version: the same contract, the
+same evaluation/ report and export.json as a run trained here. The data must be the data it was
+trained on: the file records the training images' channel statistics, and they are checked.
+"""
+
+import argparse
+import json
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+
+import numpy as np
+
+from training.configs import TTA, TrainConfig
+from training.data import CifarDataError, channel_stats, dataset_label
+from training.models import WEIGHTS, build_model, load_network_weights
+
+
+def saved_config(run_dir):
+    """The TrainConfig a run directory's config.json holds."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{run_dir} is not a run directory (no config.json)")
+    saved = json.loads(path.read_text())
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known})
+
+
+def network_from_run(config, run_dir, train_images):
+    """The run's trained network, built in float32 by the current backend; and the file's meta."""
+    model = build_model(replace(config, precision="float32"), train_images)
+    weights = Path(run_dir) / WEIGHTS
+    if not weights.is_file():
+        raise ValueError(f"{weights}: missing; the run has not finished (train it to the end first)")
+    meta = load_network_weights(model, weights)
+    mean, std = channel_stats(train_images)
+    if not (np.allclose(mean, meta["mean"], rtol=1e-6) and np.allclose(std, meta["std"], rtol=1e-6)):
+        raise ValueError(f"{run_dir} was trained on other images than these (channel statistics differ); "
+                         "pass the data it was trained on")
+    return model, meta
+
+
+def finish_run(config, run_dir, splits, dataset, export_base=None):
+    """Evaluation report (and, with export_base, a new version, once per TTA choice) of the run's
+    weights file; returns the evaluation."""
+    from training.evaluate import write_evaluation
+    from training.train import STATE, draw_history, export_once
+    run_dir = Path(run_dir)
+    if not (run_dir / "history.png").is_file() and (run_dir / STATE).is_file():
+        draw_history(run_dir, config, json.loads((run_dir / STATE).read_text())["history"])
+    model, _ = network_from_run(config, run_dir, splits.train.images)
+    evaluation, temperature = write_evaluation(model, config, splits.test, run_dir / "evaluation", dataset,
+                                               splits.validation)
+    if export_base:
+        export_once(model, config, run_dir, export_base, temperature, evaluation)
+    return evaluation
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir")
+    parser.add_argument("--data", default="data")
+    parser.add_argument("--export-base", help="export a new SavedModel version under this path")
+    parser.add_argument("--tta", choices=TTA, help="test-time augmentation (default: the configuration's)")
+    args = parser.parse_args(argv)
+    import keras
+    if keras.backend.backend() != "tensorflow":
+        sys.exit("error: export goes through TensorFlow: run with KERAS_BACKEND=tensorflow (the default)")
+    from training.train import load_splits
+    run_dir = Path(args.run_dir)
+    try:
+        config = saved_config(run_dir)
+        config = replace(config, tta=args.tta or config.tta)
+        weights = run_dir / WEIGHTS
+        if not weights.is_file():
+            raise ValueError(f"{weights}: missing; the run has not finished (train it to the end first)")
+        with np.load(weights) as saved:
+            meta = json.loads(str(saved["meta"]))
+        if meta["epoch"] < config.epochs:
+            raise ValueError(f"{run_dir} is not finished ({meta['epoch']} of {config.epochs} epochs)")
+        splits = load_splits(config, args.data, meta.get("train_limit"), meta.get("test_limit"))
+        evaluation = finish_run(config, run_dir, splits, dataset_label(args.data), args.export_base)
+    except (CifarDataError, ValueError) as exc:
+        sys.exit(f"error: {exc}")
+    print(f"{run_dir} (trained under {meta['backend']}): test accuracy {evaluation['accuracy']:.4f} "
+          f"({evaluation['dataset']}{'' if config.tta == 'none' else f', {config.tta} TTA'})")
+
+
+if __name__ == "__main__":
+    main()
