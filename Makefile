@@ -8,17 +8,19 @@ CONFIG ?= fast
 EPOCHS ?=
 PRECISION ?=
 RUN_DIR ?= runs/$(CONFIG)
+BACKEND ?= tensorflow
+BUNDLE ?= dist/gpu-bundle
 MODEL_BASE_PATH ?= models/cifar10
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train configs study bench-train evaluate cost test
+.PHONY: help setup data train configs study bench-train evaluate cost test export gpu-bundle
 
 help: ## List every target with one line each
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 setup: $(VENV)/.installed ## Create .venv with every service's pinned requirements and the test tools
 
-$(VENV)/.installed: requirements-dev.txt training/requirements.txt gateway/requirements.txt worker/requirements.txt \
+$(VENV)/.installed: requirements-dev.txt training/requirements.txt training/requirements-jax.txt gateway/requirements.txt worker/requirements.txt \
 		tfserving/requirements.txt k8s/trainjob/requirements.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
@@ -43,8 +45,8 @@ $(DATA_DIR)/cifar-10-batches-py/batches.meta:
 		echo "CIFAR-10 (JPEG copy)" > $(DATA_DIR)/DATASET.txt; \
 	else $(PY) -m training.data download $(DATA_DIR); fi
 
-train: setup data ## Train one config: make train CONFIG=base3 EPOCHS=5 [PRECISION=mixed_bfloat16] [EXPORT=1 serves it]; resumes if killed
-	$(PY) -m training.train --config $(CONFIG) $(if $(EPOCHS),--epochs $(EPOCHS)) \
+train: setup data ## Train one config: make train CONFIG=base3 EPOCHS=5 [PRECISION=mixed_bfloat16] [BACKEND=jax] [EXPORT=1 serves it]; resumes if killed
+	KERAS_BACKEND=$(BACKEND) $(PY) -m training.train --config $(CONFIG) $(if $(EPOCHS),--epochs $(EPOCHS)) \
 		$(if $(PRECISION),--precision $(PRECISION)) --data $(DATA_DIR) \
 		--run-dir $(RUN_DIR) $(if $(EXPORT),--export-base $(MODEL_BASE_PATH))
 
@@ -56,9 +58,16 @@ study: setup data ## Compare configurations (x seeds) in runs/study/STUDY.md [ST
 	$(PY) -m training.study $(if $(CONFIGS),--configs $(CONFIGS)) $(if $(SEEDS),--seeds $(SEEDS)) \
 		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(JOBS),--jobs $(JOBS)) --data $(DATA_DIR) --out $(STUDY_DIR)
 
-bench-train: setup data ## Time the fast recipe from scratch: wall time and test accuracy per epoch [CONFIG= EPOCHS= PRECISION=]
-	$(PY) -m training.bench --config $(CONFIG) $(if $(EPOCHS),--epochs $(EPOCHS)) \
+bench-train: setup data ## Time the fast recipe from scratch: wall time and test accuracy per epoch [CONFIG= EPOCHS= PRECISION= BACKEND=]
+	KERAS_BACKEND=$(BACKEND) $(PY) -m training.bench --config $(CONFIG) $(if $(EPOCHS),--epochs $(EPOCHS)) \
 		$(if $(PRECISION),--precision $(PRECISION)) --data $(DATA_DIR)
+
+export: setup ## Evaluate and export a finished run directory with TensorFlow, whichever backend trained it: make export RUN=runs/default
+	$(if $(RUN),,$(error RUN= is required: make export RUN=runs/<config>))
+	$(PY) -m training.finish $(RUN) --data $(DATA_DIR) --export-base $(MODEL_BASE_PATH)
+
+gpu-bundle: setup data ## One folder (<= 60 MB: code, wheels, CIFAR-10) that trains under JAX on a GPU machine without network: ./run.sh CONFIG RUN_DIR there
+	$(PY) -m training.bundle build --out $(BUNDLE) --data $(DATA_DIR)
 
 evaluate: setup data ## Evaluation report of an exported model (default: the served, highest version): make evaluate MODEL=models/cifar10/1
 	$(PY) -m training.evaluate --export $(or $(MODEL),$(MODEL_BASE_PATH)/$(shell ls $(MODEL_BASE_PATH) | grep -E '^[0-9]+$$' | sort -n | tail -n 1)) --data $(DATA_DIR)
