@@ -144,10 +144,10 @@ compose-up: ## Build the images and start the stack in Docker, gateway on :5000 
 compose-down: ## Stop the Docker stack (volumes, hence trained models, are kept)
 	$(COMPOSE) down
 
-train-k8s: setup ## Train a new model version in the cluster: make train-k8s CONFIG=default EPOCHS=5 [PRECISION=] [GPUS=8 per pod] [NODES=2 pods] [SCALE_BATCH=1]; no kubectl context or DRY_RUN=1: prints it
+train-k8s: setup ## Train a new model version in the cluster: make train-k8s CONFIG=default EPOCHS=5 [PRECISION=] [BACKEND=jax] [GPUS=8 per pod] [NODES=2 pods] [SCALE_BATCH=1]; no kubectl context or DRY_RUN=1: prints it
 	@set -eo pipefail; $(call CREATE_OR_RENDER,k8s.trainjob,--config $(CONFIG) $(if $(EPOCHS),--epochs $(EPOCHS)) \
 		$(if $(PRECISION),--precision $(PRECISION)) $(if $(GPUS),--gpus $(GPUS)) $(if $(NODES),--nodes $(NODES)) \
-		$(if $(SCALE_BATCH),--scale-batch))
+		$(if $(SCALE_BATCH),--scale-batch) --backend $(BACKEND))
 
 study-k8s: setup ## The study as one Indexed Job, one GPU per run: make study-k8s CONFIGS=base1,base3 SEEDS=0,1,2 [PARALLELISM=4] [EPOCHS=]; no kubectl context or DRY_RUN=1: prints it
 	@set -eo pipefail; $(call CREATE_OR_RENDER,k8s.trainjob.study,$(if $(CONFIGS),--configs $(CONFIGS)) \

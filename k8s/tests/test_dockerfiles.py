@@ -104,6 +104,10 @@ def test_trainer_has_no_healthcheck_and_a_gpu_variant():
     assert ("TF_VARIANT=cpu",) in [c.value for c in commands if c.cmd == "ARG"]
     text = (ROOT / "training" / "Dockerfile").read_text()
     assert 'gpu) extra="tensorflow[and-cuda]==${tf_version}"' in text
+    # BACKEND=jax adds JAX at the dev requirements' pin: CUDA wheels for the GPU variant.
+    assert ("BACKEND=tensorflow",) in [c.value for c in commands if c.cmd == "ARG"]
+    assert 'jax/gpu) jax="jax[cuda12]==${jax_version}"' in text
+    assert "COPY training/requirements-jax.txt" in text
     # Every shipped version is in the image (.dockerignore admits exactly those): 1 is the
     # teacher the student config reads, the highest seeds an empty model volume in Kubernetes.
     assert ("models/cifar10/", "models/cifar10/") in [c.value for c in commands

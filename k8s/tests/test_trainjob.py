@@ -92,6 +92,43 @@ def test_job_precision_reaches_the_trainer():
     assert args[args.index("--precision") + 1] == "mixed_bfloat16"
 
 
+@pytest.mark.parametrize("overlay,image", [("k8s", "cifar10/trainer:1.0.0-gpu"), ("k8s/overlays/cpu", None)])
+def test_job_backend_sets_keras_backend_and_jax_runs_the_jax_image(overlay, image):
+    template = cronjob(overlay)
+    image = image or trainer_container(template["spec"]["jobTemplate"])["image"]
+    for backend in ("tensorflow", "jax"):
+        job = trainjob.job_from_cronjob(template, "train-x-1", "default", backend=backend)
+        assert kv.validate(job, K8S_VERSION, strict=True)
+        trainer = trainer_container(job)
+        env = {e["name"]: e.get("value") for e in trainer["env"]}
+        assert env["KERAS_BACKEND"] == backend and "JOB_NAME" in env  # the template's env is kept
+        if backend == "jax":
+            assert trainer["image"] == trainjob.jax_image(image) and trainer["image"].endswith("-jax")
+            assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" and env["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"
+        else:
+            assert trainer["image"] == image and "XLA_PYTHON_CLIENT_PREALLOCATE" not in env
+    assert "KERAS_BACKEND" not in {e["name"] for e in trainer_container(
+        trainjob.job_from_cronjob(template, "n", "default"))["env"]}  # no choice: the image's default
+
+
+def test_jax_image_names():
+    assert trainjob.jax_image("cifar10/trainer:1.0.0-gpu") == "cifar10/trainer:1.0.0-gpu-jax"
+    assert trainjob.jax_image("registry:5000/cifar10/trainer") == "registry:5000/cifar10/trainer:latest-jax"
+    with pytest.raises(ValueError, match="digest"):
+        trainjob.jax_image("cifar10/trainer@sha256:" + "0" * 64)
+    with pytest.raises(ValueError, match="backend must be one of tensorflow, jax"):
+        trainjob.job_from_cronjob(cronjob(), "n", "default", backend="torch")
+
+
+def test_dry_run_with_backend_jax(tmp_path):
+    rendered_file = tmp_path / "k8s.yaml"
+    rendered_file.write_text(yaml.safe_dump_all(list(rendered("k8s"))))
+    out = io.StringIO()
+    assert main(["--dry-run", "--template-file", str(rendered_file), "--config", "fast", "--backend", "jax"],
+                out=out) == 0
+    assert '"KERAS_BACKEND"' in out.getvalue() and "1.0.0-gpu-jax" in out.getvalue()
+
+
 def test_template_without_trainer_is_refused():
     template = json.loads(json.dumps(cronjob()))
     template["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["name"] = "x"
@@ -224,3 +261,4 @@ def test_make_target_runs_the_tool():
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^train-k8s:.*## ", makefile, re.M)
     assert "k8s.trainjob,--config $(CONFIG)" in makefile
+    assert "--backend $(BACKEND)" in makefile and re.search(r"^BACKEND \?= tensorflow$", makefile, re.M)

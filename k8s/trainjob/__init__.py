@@ -48,12 +48,20 @@ def job_name(config: str, now: datetime | None = None, suffix: str | None = None
     return f"{kind}-{slug}-{now:%Y%m%d-%H%M%S}-{suffix}"
 
 
+BACKENDS = ("tensorflow", "jax")
+# Under JAX, the run's evaluation and export are a TensorFlow process beside it on the same GPU:
+# neither may take the GPU's memory up front.
+JAX_ENV = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "TF_FORCE_GPU_ALLOW_GROWTH": "true"}
+
+
 def job_from_cronjob(cronjob: dict, name: str, config: str, epochs: int | None = None,
-                     precision: str | None = None) -> dict:
+                     precision: str | None = None, backend: str | None = None) -> dict:
     """The Job manifest for one training run, from the CronJob's jobTemplate.
 
     Only the trainer's `--config` (and `--epochs`, `--precision`) change; image, resources, GPU
-    scheduling and volumes stay as the deployed overlay defines them.
+    scheduling and volumes stay as the deployed overlay defines them. `backend` sets
+    KERAS_BACKEND; "jax" also runs the image built with BACKEND=jax, tagged `<tag>-jax`
+    (training/Dockerfile), as TensorFlow's images carry no JAX.
     """
     template = copy.deepcopy(cronjob["spec"]["jobTemplate"])
     spec = template["spec"]
@@ -66,6 +74,14 @@ def job_from_cronjob(cronjob: dict, name: str, config: str, epochs: int | None =
         trainer["args"] = _with_option(trainer["args"], "--epochs", str(epochs))
     if precision is not None:
         trainer["args"] = _with_option(trainer["args"], "--precision", precision)
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        env = {"KERAS_BACKEND": backend, **(JAX_ENV if backend == "jax" else {})}
+        trainer["env"] = [e for e in trainer.get("env", []) if e["name"] not in env] + [
+            {"name": key, "value": value} for key, value in env.items()]
+        if backend == "jax":
+            trainer["image"] = jax_image(trainer["image"])
 
     labels = {**template.get("metadata", {}).get("labels", {}), CONFIG_LABEL: _label_value(config)}
     pod_meta = spec["template"].setdefault("metadata", {})
@@ -100,7 +116,7 @@ def _scale_quantity(value, factor: int) -> str:
 
 def distributed_job(cronjob: dict, name: str, config: str, gpus: int = 1, nodes: int = 1,
                     epochs: int | None = None, precision: str | None = None, scale_batch: bool = False,
-                    port: int = COLLECTIVE_PORT) -> list[dict]:
+                    port: int = COLLECTIVE_PORT, backend: str | None = None) -> list[dict]:
     """One training run on `gpus` GPUs in each of `nodes` pods: [Job] for one pod, [Job, headless
     Service] for several. Every pod asks for `gpus` GPUs (and the template's CPU and memory times
     `gpus`); with several pods the Job is Indexed (completions = parallelism = nodes, so all run
@@ -113,7 +129,7 @@ def distributed_job(cronjob: dict, name: str, config: str, gpus: int = 1, nodes:
     configuration's batch is split over the GPUs and the run is the single-GPU run."""
     if gpus < 1 or nodes < 1:
         raise ValueError("gpus and nodes must be at least 1")
-    job = job_from_cronjob(cronjob, name, config, epochs, precision)
+    job = job_from_cronjob(cronjob, name, config, epochs, precision, backend)
     spec, pod = job["spec"], job["spec"]["template"]["spec"]
     trainer = _trainer(job)
     resources = trainer.setdefault("resources", {})
@@ -265,6 +281,15 @@ def last_table(cluster, namespace: str, name: str) -> str | None:
         if start >= 0:
             return log[start:].rstrip()
     return None
+
+
+def jax_image(image: str) -> str:
+    """The BACKEND=jax build of `image`: its tag with -jax appended (latest-jax without a tag)."""
+    name, _, digest = image.partition("@")
+    if digest:
+        raise ValueError(f"{image}: pinned by digest; give the JAX image's digest in the overlay instead")
+    repository, tag = (name.rsplit(":", 1) if ":" in name.rsplit("/", 1)[-1] else (name, "latest"))
+    return f"{repository}:{tag}-jax"
 
 
 def _with_option(args: list[str], option: str, value: str) -> list[str]:

@@ -1,5 +1,5 @@
 """make train-k8s: python -m k8s.trainjob --config default [--epochs 5] [--precision mixed_bfloat16]
-    [--gpus 8] [--nodes 2] [--scale-batch] [--namespace cifar10]
+    [--gpus 8] [--nodes 2] [--scale-batch] [--backend jax] [--namespace cifar10]
 
 Creates a training Job from the deployed `trainer` CronJob, follows its logs and exits 0 when
 it completes, 1 when it fails or times out. --gpus N gives the pod N GPUs (MirroredStrategy);
@@ -13,7 +13,7 @@ import sys
 
 import yaml
 
-from k8s.trainjob import TEMPLATE, Cluster, distributed_job, follow, job_name
+from k8s.trainjob import BACKENDS, TEMPLATE, Cluster, distributed_job, follow, job_name
 from training.configs import CONFIGS, PRECISIONS
 
 
@@ -30,6 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--nodes", type=int, default=1, help="pods, one per node, training one model together")
     p.add_argument("--scale-batch", action="store_true", help="each GPU takes the config's batch (global "
                    "batch x GPUs, learning rate scaled); default: the config's batch is split over the GPUs")
+    p.add_argument("--backend", choices=BACKENDS, help="KERAS_BACKEND of the run (default: the image's, "
+                   "tensorflow); jax runs the trainer image built with BACKEND=jax, tagged <tag>-jax")
     p.add_argument("--namespace", default="cifar10")
     p.add_argument("--context", help="kubeconfig context (default: the current one)")
     p.add_argument("--template", default=TEMPLATE, help="name of the CronJob used as template")
@@ -73,7 +75,7 @@ def main(argv=None, cluster_factory=Cluster, out=sys.stdout) -> int:
     name = job_name(args.config)
     try:
         job, *owned = distributed_job(cronjob, name, args.config, args.gpus, args.nodes, args.epochs,
-                                      args.precision, args.scale_batch)
+                                      args.precision, args.scale_batch, backend=args.backend)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}")
     if args.dry_run:
@@ -83,7 +85,8 @@ def main(argv=None, cluster_factory=Cluster, out=sys.stdout) -> int:
         raise SystemExit("--template-file creates nothing without --dry-run")
     create_owned(cluster, args.namespace, job, owned)
     shape = f", {args.nodes} pods x {args.gpus} GPUs" if args.nodes > 1 else (f", {args.gpus} GPUs" if args.gpus > 1 else "")
-    out.write(f"created job/{name} in namespace {args.namespace} (config {args.config}{shape})\n")
+    backend = f", backend {args.backend}" if args.backend else ""
+    out.write(f"created job/{name} in namespace {args.namespace} (config {args.config}{shape}{backend})\n")
     if args.no_follow:
         out.write(f"follow it with: kubectl -n {args.namespace} logs -f job/{name}\n")
         return 0
