@@ -38,6 +38,7 @@ from training.configs import CONFIGS, PRECISIONS, TTA, TrainConfig, get_config
 from training.data import (CifarDataError, channel_stats, dataset_label, ensure_cifar10, load_cifar10,
                            validation_indexes)
 from training.distill import TEACHER_LOGITS, Distiller, teacher_logits
+from training.distribute import Placement, from_environment
 from training.models import WEIGHTS, build_model, save_network_weights
 
 STATE = "state.json"
@@ -342,13 +343,16 @@ def load_splits(config, data, train_limit=None, test_limit=None):
 
 
 def train(config, data, run_dir, export_base=None, train_limit=None, test_limit=None, verbose=None,
-          touch_test=True):
+          touch_test=True, placement=None):
     """Train (or resume) `config` in run_dir; returns (evaluation, per-epoch history). Without
     touch_test (a trial that chooses settings on the validation split) there is no test
     evaluation and no export, and the evaluation is None. Under a backend other than TensorFlow
-    the evaluation is None too: the run ends with its weights file, for `make export`."""
+    the evaluation is None too: the run ends with its weights file, for `make export`. With a
+    `placement` (training.distribute) of several replicas, config.batch_size is the global batch;
+    a worker other than the chief trains along without writing run_dir and returns (None, history)."""
     keras.utils.set_random_seed(config.seed)
-    run_dir = Path(run_dir)
+    placement = placement or Placement(keras.backend.backend())
+    run_dir = placement.write_dir(run_dir)  # the chief's run_dir; another worker's private copy
     backend = keras.backend.backend()
     if export_base and backend != "tensorflow" and importlib.util.find_spec("tensorflow") is None:
         raise ValueError(f"export goes through TensorFlow, which is not installed here: train without "
@@ -366,9 +370,11 @@ def train(config, data, run_dir, export_base=None, train_limit=None, test_limit=
     steps_per_epoch = len(train_split.labels) // config.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_split.labels)} training images do not fill one batch of {config.batch_size}")
-    model = build_model(config, train_split.images)
-    trained = compile_model(model, config, steps_per_epoch, Augmentation(config, train_split.images))
-    state = restore(trained, run_dir)
+    with placement.scope():
+        model = build_model(config, train_split.images)
+        placement.prepare(model, config)
+        trained = placement.adapt(compile_model(model, config, steps_per_epoch, Augmentation(config, train_split.images)))
+        state = restore(trained, run_dir)
     first_epoch = state["epoch"] if state else 0
     history = state["history"] if state else []
     if first_epoch:
@@ -396,6 +402,8 @@ def train(config, data, run_dir, export_base=None, train_limit=None, test_limit=
                        *board],
             verbose=verbose if verbose is not None else (1 if sys.stdout.isatty() else 2),
         )
+    if not placement.chief:
+        return None, history
     mean, std = channel_stats(train_split.images)
     save_network_weights(model, run_dir / WEIGHTS, {
         "backend": backend, "config": config.name, "epoch": history[-1]["epoch"] if history else 0,
@@ -496,8 +504,10 @@ def main(argv=None):
                         validation_size=args.validation_size, teacher=args.teacher, distill_alpha=args.distill_alpha,
                         distill_temperature=args.distill_temperature)
     try:
+        placement = from_environment()  # several GPUs, or TF_CONFIG's workers: one run over all of them
+        print(f"placement: {placement.describe()}", flush=True)
         evaluation, history = train(config, args.data, args.run_dir or f"runs/{config.name}", args.export_base,
-                                    args.train_limit, args.test_limit, touch_test=not args.trial)
+                                    args.train_limit, args.test_limit, touch_test=not args.trial, placement=placement)
     except (CifarDataError, ValueError) as exc:
         sys.exit(f"error: {exc}")
     if args.trial:
