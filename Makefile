@@ -66,8 +66,8 @@ export: setup ## Evaluate and export a finished run directory with TensorFlow, w
 	$(if $(RUN),,$(error RUN= is required: make export RUN=runs/<config>))
 	$(PY) -m training.finish $(RUN) --data $(DATA_DIR) --export-base $(MODEL_BASE_PATH)
 
-gpu-bundle: setup data ## One folder (<= 60 MB: code, wheels, CIFAR-10) that trains under JAX on a GPU machine without network: ./run.sh CONFIG RUN_DIR there
-	$(PY) -m training.bundle build --out $(BUNDLE) --data $(DATA_DIR)
+gpu-bundle: setup data ## One folder (<= 60 MB: code, wheels, CIFAR-10) that trains under JAX on a GPU machine without network [BUNDLE_PYTHON="3.12 3.13"]: ./run.sh CONFIG RUN_DIR there
+	$(PY) -m training.bundle build --out $(BUNDLE) --data $(DATA_DIR) $(if $(BUNDLE_PYTHON),--python $(BUNDLE_PYTHON))
 
 evaluate: setup data ## Evaluation report of an exported model (default: the served, highest version): make evaluate MODEL=models/cifar10/1
 	$(PY) -m training.evaluate --export $(or $(MODEL),$(MODEL_BASE_PATH)/$(shell ls $(MODEL_BASE_PATH) | grep -E '^[0-9]+$$' | sort -n | tail -n 1)) --data $(DATA_DIR)

@@ -1,6 +1,7 @@
-"""One training loop on two Keras backends: a run trained under JAX (in its own process, as the
-backend is chosen before keras is imported) is exported by TensorFlow and serves what the JAX
-model computes."""
+"""One training loop on two Keras backends, and the portable GPU run: a bundle (make gpu-bundle)
+is built, its run.sh trains `tiny` under JAX from the bundle's own code, wheels and data (in its
+own processes, as the backend is chosen before keras is imported), `make export` turns the run
+into a version with TensorFlow, and that version serves what the JAX model computes."""
 
 import json
 import os
@@ -13,16 +14,14 @@ import pytest
 from training.tests.conftest import REPO
 
 SLICE = ["--train-limit", "1024", "--test-limit", "256"]
-# Train `tiny` (flip TTA) under JAX, then compute, still under JAX, the network's flip-averaged
-# logits for the first test images from the run's weights file.
-JAX_SIDE = """
+# Under JAX, from a run directory: the network's flip-averaged logits (tiny's TTA) for the first
+# 256 test images, computed from the run's weights file.
+JAX_LOGITS = """
 import sys
 import numpy as np
-from training.train import main
-data, run, out = sys.argv[1:4]
-main(["--config", "tiny", "--data", data, "--run-dir", run, *sys.argv[4:]])
 from training.data import load_cifar10
 from training.finish import network_from_run, saved_config
+data, run, out = sys.argv[1:4]
 train, test = load_cifar10(data)
 model, meta = network_from_run(saved_config(run), run, train.images[:1024])
 x = test.images[:256].astype("float32")
@@ -31,39 +30,62 @@ np.save(out, logits)
 """
 
 
-def run_under(backend, *args):
-    env = {**os.environ, "KERAS_BACKEND": backend}
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+@pytest.fixture(scope="module")
+def bundle(data_dir, tmp_path_factory):
+    pytest.importorskip("jax")
+    from training.bundle import build
+    out = tmp_path_factory.mktemp("bundle") / "gpu-bundle"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    total, sizes = build(out, data_dir, REPO.parent / "shared/data/cifar10/cifar10-jpeg.zip", [version], preset=0)
+    return out, total
 
 
 @pytest.fixture(scope="module")
-def jax_run(data_dir, tmp_path_factory):
-    pytest.importorskip("jax")
+def jax_run(bundle, data_dir, tmp_path_factory):
+    out, _ = bundle
     root = tmp_path_factory.mktemp("jax")
-    result = run_under("jax", "-c", JAX_SIDE, data_dir, root / "run", root / "logits.npy", *SLICE)
-    assert result.returncode == 0, result.stderr[-3000:]
+    env = {**os.environ, "PYTHON": sys.executable, "BUNDLE_WORK": str(root / "work")}
+    result = subprocess.run([str(out / "run.sh"), "tiny", str(root / "run"), *SLICE], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    logits = subprocess.run([sys.executable, "-c", JAX_LOGITS, data_dir, root / "run", root / "logits.npy"],
+                            env={**os.environ, "KERAS_BACKEND": "jax"}, cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    assert logits.returncode == 0, logits.stderr[-3000:]
     return root, result
 
 
-def test_jax_trains_the_same_configuration_compiled_and_leaves_the_export_to_tensorflow(jax_run):
+def test_the_bundle_holds_code_wheels_and_data_under_60_mb(bundle):
+    out, total = bundle
+    manifest = json.loads((out / "MANIFEST.json").read_text())
+    assert total < 60e6 and (out / "code/training/train.py").is_file() and (out / "run.sh").is_file()
+    assert {w.split("-")[0].lower() for w in manifest["wheels"]} >= {"keras", "optree", "namex"}
+    assert manifest["images"] == {"train": 50000, "test": 10000}
+
+
+def test_the_bundle_trains_under_jax_on_pixels_identical_to_the_data(jax_run):
     root, result = jax_run
+    assert "identical to the bundle's source" in result.stdout
     assert "training tiny under jax" in result.stdout and "epoch 1:" in result.stdout
     assert "make export RUN=" in result.stdout
     assert "jit_compile" not in result.stderr  # no fallback: the whole step compiles under JAX too
+    assert (root / "work/site/keras").is_dir()  # the bundle's keras, not this environment's
     state = json.loads((root / "run/state.json").read_text())
     assert state["backend"] == "jax" and state["epoch"] == 1
     assert (root / "run/weights.float16.npz").is_file() and (root / "run/history.png").is_file()
     assert not (root / "run/evaluation").exists()
 
 
-def test_a_jax_run_exported_by_tensorflow_serves_what_the_jax_model_computes(jax_run, data_dir):
+def test_make_export_turns_the_jax_run_into_a_version_that_serves_what_jax_computes(jax_run, data_dir):
     from training.calibration import softmax
     from training.data import load_cifar10
     from training.export import predict_exported
-    from training.finish import main
     root, _ = jax_run
-    main([str(root / "run"), "--data", str(data_dir), "--export-base", str(root / "models")])
+    made = subprocess.run(["make", "-o", "setup", "export", f"RUN={root / 'run'}", f"DATA_DIR={data_dir}",
+                           f"MODEL_BASE_PATH={root / 'models'}", f"PY={sys.executable}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-3000:]
+    assert "trained under jax" in made.stdout and "jit_compile" not in made.stderr
     evaluation = json.loads((root / "run/evaluation/evaluation.json").read_text())
     assert evaluation["images"] == 256
     assert json.loads((root / "run/export.json").read_text())["flip"]["version"] == 1
@@ -76,7 +98,7 @@ def test_a_jax_run_exported_by_tensorflow_serves_what_the_jax_model_computes(jax
     assert (served.argmax(1) == test.labels[:256]).mean() == pytest.approx(evaluation["accuracy"])
 
 
-def test_export_refuses_a_run_that_has_not_finished(jax_run, tmp_path, data_dir, capsys):
+def test_export_refuses_a_run_that_has_not_finished(jax_run, tmp_path, data_dir):
     import shutil
     from training.finish import main
     root, _ = jax_run
