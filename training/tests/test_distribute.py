@@ -212,3 +212,23 @@ def test_a_killed_worker_stops_the_other_and_both_restarted_resume_from_the_last
     assert f"after epoch {killed_at}/{EPOCHS}" in (again / "worker1.log").read_text()
     # It ends where the uninterrupted two-worker run did: the same steps from the same state.
     assert_same_weights(runs / "two", run)
+
+
+# ---- JAX: keras.distribution.DataParallel, chosen by the same from_environment ---------------
+
+def test_under_jax_data_parallel_over_two_devices_trains_what_one_device_trains(data_dir, tmp_path):
+    """Two CPU devices in one process (XLA's host platform split in two) against one. JAX's arrays
+    are global, so BatchNorm's moments are the whole batch's with the plain layer."""
+    pytest.importorskip("jax")
+    processes = []
+    for devices in (1, 2):
+        env = {"KERAS_BACKEND": "jax", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        command = [sys.executable, "-c", TRAIN_WITHOUT_CROP, "--config", "tiny", "--epochs", "1", "--data",
+                   str(data_dir), "--run-dir", str(tmp_path / f"devices{devices}"), *SLICE]
+        processes.append(subprocess.Popen(command, cwd=REPO, env={**os.environ, **env}, stdout=open(
+            tmp_path / f"devices{devices}.log", "w"), stderr=subprocess.STDOUT))
+    finish(processes, [tmp_path / "devices1.log", tmp_path / "devices2.log"])
+    assert "placement: one device" in (tmp_path / "devices1.log").read_text()
+    assert "placement: DataParallel: 2 replicas in 1 process" in (tmp_path / "devices2.log").read_text()
+    one, two = (json.loads((tmp_path / f"devices{d}" / "state.json").read_text())["history"] for d in (1, 2))
+    assert (one[0]["loss"], one[0]["val_loss"]) == pytest.approx((two[0]["loss"], two[0]["val_loss"]), abs=1e-6)
