@@ -59,21 +59,33 @@ class Augmentation:
         # A constant of the compiled step: which images are mirrored in even epochs.
         self.mirrored_in_even_epochs = np.random.default_rng([config.seed, n]).random(n) < 0.5
         self.mean_pixel = channel_stats(train_images)[0].astype("float32") if config.cutout else None
+        self.compiled = self.augment
+        if keras.backend.backend() == "tensorflow":
+            # XLA fuses these few dozen small ops into a couple of loops (2-10x faster on a CPU), also
+            # where the rest of the step runs without XLA (TensorFlow on CPUs: see train.jit_compile).
+            import tensorflow as tf
+            self.compiled = tf.function(self.augment, jit_compile=True, autograph=False)
 
     def __call__(self, pixels, index, epoch, batch):
-        x = ops.cast(pixels, "float32")
+        return self.compiled(pixels, index, epoch, batch)
+
+    def augment(self, pixels, index, epoch, batch):
+        # Crops and flips move whole pixels: done on the uint8 images, a quarter of the bytes.
+        x = pixels
         seeds = KeyedSeeds(self.seed, epoch[0], batch[0])
         size = ops.shape(x)[0]
         if self.kind == "seed":
-            x = seed_warp(x, seeds)
+            x = seed_warp(ops.cast(x, "float32"), seeds)
         elif self.kind in ("crop_flip", "crop_alternating_flip"):
-            x = translate(x, self.crop, seeds)
             if self.kind == "crop_flip":
                 mirror = keras.random.uniform((size,), seed=seeds) < 0.5
             else:
                 mirror = ops.not_equal(ops.take(ops.convert_to_tensor(self.mirrored_in_even_epochs), index),
                                        ops.equal(ops.mod(epoch, 2), 1))
+            # Mirroring first: the same distribution (shifts are symmetric), and XLA fuses it better.
             x = ops.where(mirror[:, None, None, None], ops.flip(x, axis=2), x)
+            x = translate(x, self.crop, seeds)
+        x = ops.cast(x, "float32")
         if self.cutout:
             x = cutout(x, self.cutout, self.mean_pixel, seeds)
         return x
@@ -84,13 +96,23 @@ def translate(images, pixels, seeds):
     extended by reflection (d c b a | a b c d | d c b a): a random crop of the padded image."""
     if not pixels:
         return images
-    size, height, width = ops.shape(images)[0], images.shape[1], images.shape[2]
-    padded = ops.pad(images, [[0, 0], [pixels, pixels], [pixels, pixels], [0, 0]], mode="symmetric")
+    size = ops.shape(images)[0]
     offsets = keras.random.randint((size, 2), 0, 2 * pixels + 1, dtype="int32", seed=seeds)
-    rows = offsets[:, :1] + ops.arange(height, dtype="int32")[None]
-    columns = offsets[:, 1:] + ops.arange(width, dtype="int32")[None]
-    x = ops.take_along_axis(padded, rows[:, :, None, None], axis=1)
-    return ops.take_along_axis(x, columns[:, None, :, None], axis=2)
+    # Elementwise selects, which XLA fuses, rather than a gather (several times slower on CPUs):
+    # the offset's bits from the highest down, each choosing between two slices one bit apart.
+    bits = (2 * pixels).bit_length()
+    extra = (1 << bits) - 1 - 2 * pixels  # padding never selected; it makes every halving exact
+    x = ops.pad(images, [[0, 0], [pixels, pixels], [pixels, pixels], [0, 0]], mode="symmetric")
+    x = ops.pad(x, [[0, 0], [0, extra], [0, extra], [0, 0]])
+    for axis in (1, 2):
+        offset = offsets[:, axis - 1]
+        for bit in reversed(range(bits)):
+            step = 1 << bit
+            length = x.shape[axis] - step
+            upper = x[:, step:step + length] if axis == 1 else x[:, :, step:step + length]
+            lower = x[:, :length] if axis == 1 else x[:, :, :length]
+            x = ops.where(ops.equal(ops.mod(offset // step, 2), 1)[:, None, None, None], upper, lower)
+    return x
 
 
 def cutout(images, size, fill, seeds):
