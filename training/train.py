@@ -170,7 +170,8 @@ class Lookahead(keras.callbacks.Callback):
         variables = self.averaged_variables()
         self.slow = [slow + (1 - decay) * (variable.value - slow) for slow, variable in zip(self.slow, variables)]
         for slow, variable in zip(self.slow, variables):
-            variable.assign(slow)
+            # A copy: under JAX the next step donates the variables' buffers, which must not be the average's.
+            variable.assign(ops.copy(slow))
 
     def slow_arrays(self):
         return [np.asarray(ops.convert_to_numpy(s)) for s in self.slow]

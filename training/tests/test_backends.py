@@ -1,7 +1,9 @@
 """One training loop on two Keras backends, and the portable GPU run: a bundle (make gpu-bundle)
 is built, its run.sh trains `tiny` under JAX from the bundle's own code, wheels and data (in its
-own processes, as the backend is chosen before keras is imported), `make export` turns the run
-into a version with TensorFlow, and that version serves what the JAX model computes."""
+own processes, as the backend is chosen before keras is imported), is killed with SIGKILL after
+2 of 4 epochs (Lookahead starts in the 4th) and resumed, and ends where an uninterrupted JAX run
+does; `make export` turns it into a version with TensorFlow, which serves what the JAX model
+computes."""
 
 import json
 import os
@@ -13,15 +15,17 @@ import pytest
 
 from training.tests.conftest import REPO
 
-SLICE = ["--train-limit", "1024", "--test-limit", "256"]
-# Under JAX, from a run directory: the network's flip-averaged logits (tiny's TTA) for the first
-# 256 test images, computed from the run's weights file.
-JAX_LOGITS = """
+RUN = ["--epochs", "4", "--train-limit", "1024", "--test-limit", "256"]
+# Under JAX: an uninterrupted run (this checkout's code), then, from the bundle's run directory,
+# the network's flip-averaged logits (tiny's TTA) for the first 256 test images.
+JAX_SIDE = """
 import sys
 import numpy as np
 from training.data import load_cifar10
 from training.finish import network_from_run, saved_config
-data, run, out = sys.argv[1:4]
+from training.train import main
+data, straight, run, out = sys.argv[1:5]
+main(["--config", "tiny", "--data", data, "--run-dir", straight, *sys.argv[5:]])
 train, test = load_cifar10(data)
 model, meta = network_from_run(saved_config(run), run, train.images[:1024])
 x = test.images[:256].astype("float32")
@@ -40,18 +44,36 @@ def bundle(data_dir, tmp_path_factory):
     return out, total
 
 
+def run_until_killed(command, env, state, epoch):
+    """Start `command`; SIGKILL it once `state` records `epoch` epochs; returns that state's epoch."""
+    import signal
+    import time
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if state.exists() and json.loads(state.read_text())["epoch"] >= epoch:
+            break
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)  # run.sh exec's python: this is the trainer
+    process.wait()
+    return json.loads(state.read_text())["epoch"]
+
+
 @pytest.fixture(scope="module")
 def jax_run(bundle, data_dir, tmp_path_factory):
     out, _ = bundle
     root = tmp_path_factory.mktemp("jax")
     env = {**os.environ, "PYTHON": sys.executable, "BUNDLE_WORK": str(root / "work")}
-    result = subprocess.run([str(out / "run.sh"), "tiny", str(root / "run"), *SLICE], env=env, capture_output=True,
-                            text=True, timeout=600)
+    command = [str(out / "run.sh"), "tiny", str(root / "run"), *RUN]
+    killed_at = run_until_killed(command, env, root / "run/state.json", 2)
+    assert 2 <= killed_at < 4, "the run finished before it could be killed"
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    logits = subprocess.run([sys.executable, "-c", JAX_LOGITS, data_dir, root / "run", root / "logits.npy"],
-                            env={**os.environ, "KERAS_BACKEND": "jax"}, cwd=REPO, capture_output=True, text=True,
-                            timeout=600)
-    assert logits.returncode == 0, logits.stderr[-3000:]
+    assert f"after epoch {killed_at}/4" in result.stdout
+    side = subprocess.run([sys.executable, "-c", JAX_SIDE, data_dir, root / "straight", root / "run",
+                           root / "logits.npy", *RUN], env={**os.environ, "KERAS_BACKEND": "jax"}, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert side.returncode == 0, side.stderr[-3000:]
     return root, result
 
 
@@ -63,15 +85,18 @@ def test_the_bundle_holds_code_wheels_and_data_under_60_mb(bundle):
     assert manifest["images"] == {"train": 50000, "test": 10000}
 
 
-def test_the_bundle_trains_under_jax_on_pixels_identical_to_the_data(jax_run):
+def test_the_bundle_trains_under_jax_on_pixels_identical_to_the_data_and_resumes_exactly(jax_run):
     root, result = jax_run
-    assert "identical to the bundle's source" in result.stdout
-    assert "training tiny under jax" in result.stdout and "epoch 1:" in result.stdout
+    assert (root / "work/cifar10/DIGEST").is_file()  # decoded and checked on the first start
+    assert "training tiny under jax" in result.stdout and "epoch 4:" in result.stdout
     assert "make export RUN=" in result.stdout
     assert "jit_compile" not in result.stderr  # no fallback: the whole step compiles under JAX too
     assert (root / "work/site/keras").is_dir()  # the bundle's keras, not this environment's
     state = json.loads((root / "run/state.json").read_text())
-    assert state["backend"] == "jax" and state["epoch"] == 1
+    assert state["backend"] == "jax" and state["epoch"] == 4
+    straight = json.loads((root / "straight/state.json").read_text())["history"]
+    for a, b in zip(state["history"], straight, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["val_accuracy"] == b["val_accuracy"]
     assert (root / "run/weights.float16.npz").is_file() and (root / "run/history.png").is_file()
     assert not (root / "run/evaluation").exists()
 
@@ -104,6 +129,6 @@ def test_export_refuses_a_run_that_has_not_finished(jax_run, tmp_path, data_dir)
     root, _ = jax_run
     shutil.copytree(root / "run", tmp_path / "run")
     config = json.loads((tmp_path / "run/config.json").read_text())
-    (tmp_path / "run/config.json").write_text(json.dumps({**config, "epochs": 3}))
-    with pytest.raises(SystemExit, match="not finished \\(1 of 3 epochs\\)"):
+    (tmp_path / "run/config.json").write_text(json.dumps({**config, "epochs": 6}))
+    with pytest.raises(SystemExit, match="not finished \\(4 of 6 epochs\\)"):
         main([str(tmp_path / "run"), "--data", str(data_dir)])
