@@ -21,8 +21,9 @@ from tensorflow.python.framework.convert_to_constants import convert_variables_t
 from training.data import CLASS_NAMES, load_cifar10
 from training.export import INPUT, SIGNATURE, TTA, predict_exported, write_version
 
-# Keras names the k-th call of the model's last layer logits_<2k-1> in the traced graph.
-LOGITS = re.compile(r"^StatefulPartitionedCall/logits_(\d+)/add$")
+# Keras names the k-th call of the model's last layer logits_<2k-1> in the traced graph; a version
+# re-saved with its model card (training/card.py) nests it in one more StatefulPartitionedCall.
+LOGITS = re.compile(r"^(?:StatefulPartitionedCall/)+logits_(\d+)/add$")
 
 
 def view_functions(export_dir):
