@@ -2,9 +2,13 @@
 import io
 import json
 import logging
-import logging.config
+import subprocess
+import sys
+from pathlib import Path
 
 from common import logs
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def emit(logger_name: str, *calls) -> list[dict]:
@@ -42,14 +46,14 @@ def test_multi_line_messages_and_tracebacks_stay_on_one_line():
     assert entry["request_ids"] == ["a", "b"] and entry["odd"].startswith("<object")
 
 
-def test_the_gunicorn_config_routes_everything_through_one_json_handler(capsys):
-    logging.config.dictConfig(logs.dict_config("INFO"))
-    try:
-        logging.getLogger("gunicorn.error").info("Booting worker with pid: %s", 42)
-        logging.getLogger("gateway").info("POST /predict 200", extra={"request_id": "x"})
-        lines = capsys.readouterr().err.splitlines()
-    finally:
-        logging.config.dictConfig({"version": 1, "disable_existing_loggers": False,
-                                   "root": {"handlers": [], "level": "WARNING"},
-                                   "loggers": {"gunicorn.error": {"handlers": [], "propagate": True}}})
+def test_the_gunicorn_config_routes_everything_through_one_json_handler():
+    # In a process of its own: dictConfig replaces the root logger's handlers, pytest's included.
+    code = ("import logging, logging.config; from common import logs; "
+            "logging.config.dictConfig(logs.dict_config('INFO')); "
+            "logging.getLogger('gunicorn.error').info('Booting worker with pid: %s', 42); "
+            "logging.getLogger('gateway').info('POST /predict 200', extra={'request_id': 'x'})")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
     assert [json.loads(line)["logger"] for line in lines] == ["gunicorn.error", "gateway"]  # once each
+    assert json.loads(lines[1])["request_id"] == "x"
