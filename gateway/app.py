@@ -147,7 +147,7 @@ def deep_readiness(queue: JobQueue) -> Response:
     """200 when Redis answers and the workers see a model version that meets the serving contract."""
     try:
         status = queue.model_status()
-        depth, queued_bytes = queue.depth(), queue.queued_bytes()
+        depth, queued_bytes = queue.occupancy()
     except redis.RedisError:
         return json_response({"ready": False, "reason": "redis unreachable"}, 503)
     body = {"queue_depth": depth, "queue_bytes": queued_bytes}

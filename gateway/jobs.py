@@ -85,11 +85,12 @@ class JobQueue:
                 by_index[result.index] = result  # a job redelivered after a worker died may answer twice
         return [by_index[i] for i in range(count)]
 
-    def depth(self) -> int:
-        return self.redis.xlen(protocol.STREAM)
-
-    def queued_bytes(self) -> int:
-        return int(self.redis.get(protocol.QUEUE_BYTES_KEY) or 0) if self.depth() else 0
+    def occupancy(self) -> tuple[int, int]:
+        """(jobs, image bytes) waiting or in progress, in one round trip; bytes count 0 when the
+        stream is empty, as the enqueue script resets them."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            depth, queued_bytes = pipe.xlen(protocol.STREAM).get(protocol.QUEUE_BYTES_KEY).execute()
+        return depth, int(queued_bytes or 0) if depth else 0
 
     def model_status(self) -> dict | None:
         """What the workers last saw on the model server (see worker.main.model_status)."""

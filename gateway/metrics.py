@@ -22,7 +22,7 @@ class DependencyCollector:
 
     def collect(self):
         try:
-            depth, queued_bytes, status = self.queue.depth(), self.queue.queued_bytes(), self.queue.model_status()
+            (depth, queued_bytes), status = self.queue.occupancy(), self.queue.model_status()
         except Exception:  # Redis down: scrape the other metrics anyway
             yield GaugeMetricFamily("gateway_redis_up", "Redis answered this scrape", value=0)
             return

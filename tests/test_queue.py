@@ -61,22 +61,22 @@ def test_the_queue_is_bounded_in_bytes_and_the_count_follows_the_jobs(store):
     jobs = queue(store, max_bytes=1000)
     worker = stream(store, "w1")
     jobs.submit([b"x" * 400, b"y" * 400])
-    assert jobs.queued_bytes() == 800
+    assert jobs.occupancy()[1] == 800
     with pytest.raises(QueueFull):
         jobs.submit([b"z" * 300])  # 1100 > 1000: refused whole, nothing added
-    assert store.xlen(protocol.STREAM) == 2 and jobs.queued_bytes() == 800
+    assert store.xlen(protocol.STREAM) == 2 and jobs.occupancy()[1] == 800
     batch = worker.next_batch(block_ms=100)
     worker.finish([(entry_id, job, protocol.Result.failure(job.index, "x", "y")) for entry_id, job in batch[:1]])
-    assert jobs.queued_bytes() == 400  # the worker subtracts in the transaction that deletes the job
+    assert jobs.occupancy()[1] == 400  # the worker subtracts in the transaction that deletes the job
     jobs.submit([b"z" * 300])
-    assert jobs.queued_bytes() == 700
+    assert jobs.occupancy()[1] == 700
 
 
 def test_a_drifted_byte_count_resets_when_the_queue_empties(store):
     store.set(protocol.QUEUE_BYTES_KEY, 10**9)  # e.g. jobs deleted by hand
     jobs = queue(store, max_bytes=1000)
     jobs.submit([b"x" * 10])
-    assert jobs.queued_bytes() == 10
+    assert jobs.occupancy()[1] == 10
 
 
 def test_no_servable_version_refuses_before_queueing(store):
@@ -120,7 +120,7 @@ def test_a_job_that_keeps_killing_workers_is_dead_lettered_and_answered(store):
     [(_, letter)] = store.xrange(protocol.DEAD_LETTER_STREAM)
     assert letter[protocol.F_REQUEST_ID].decode() == request_id and letter[protocol.F_IMAGE] == b"poison" * 10
     assert store.xlen(protocol.STREAM) == 0 and store.xpending(protocol.STREAM, protocol.GROUP)["pending"] == 0
-    assert jobs.queued_bytes() == 0
+    assert jobs.occupancy()[1] == 0
 
 
 def test_a_batch_that_killed_its_worker_is_retried_job_by_job_so_only_the_poison_job_fails(store):
