@@ -115,19 +115,17 @@ class JobStream:
             self.next_claim_at = time.monotonic() + min(1.0, self.claim_idle_ms / 2000)
             self.forget_dead_consumers()
             return []
+        [stale] = pending
         claimed = self.redis.xclaim(protocol.STREAM, protocol.GROUP, self.consumer, self.claim_idle_ms,
-                                    [p["message_id"] for p in pending])
-        deliveries = {p["message_id"]: p["times_delivered"] for p in pending}
+                                    [stale["message_id"]])
         jobs, unusable = parse_entries(entry for entry in claimed if entry and entry[1])  # deleted: no fields
         self.drop(unusable)
-        poisoned = [(entry_id, job) for entry_id, job in jobs if deliveries[entry_id] >= protocol.MAX_DELIVERIES]
-        if poisoned:
-            self.dead_letter(poisoned)
-        jobs = [(entry_id, job) for entry_id, job in jobs if deliveries[entry_id] < protocol.MAX_DELIVERIES]
+        if jobs and stale["times_delivered"] >= protocol.MAX_DELIVERIES:
+            self.dead_letter(jobs)
+            return []
         if jobs:
-            log.warning("reclaimed %d stale jobs", len(jobs),
-                        extra={"request_ids": list(dict.fromkeys(job.public_id for _, job in jobs))})
-            metrics.RECLAIMED_JOBS.inc(len(jobs))
+            log.warning("reclaimed a stale job", extra={"request_ids": [jobs[0][1].public_id]})
+            metrics.RECLAIMED_JOBS.inc()
         return jobs
 
     def keep_claimed(self, entry_ids: list[bytes]) -> None:
