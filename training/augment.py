@@ -11,7 +11,8 @@ Augmentations (TrainConfig.augmentation):
 - "seed": the seed study's rotation (up to 10 degrees), translation (up to 10% of each side) and
   horizontal flip, as one bilinear affine warp with the edge pixels extended ("nearest" fill);
 - "crop_flip": translations by a whole number of pixels, up to `crop_pixels` each way, the image
-  extended by reflection (airbench's padded random crop), and random horizontal flips;
+  extended by reflection without repeating the edge (airbench's padded random crop, PyTorch's
+  "reflect"), and random horizontal flips;
 - "crop_alternating_flip": the same translations, and airbench's alternating flip: a random half of
   the images (fixed by the seed) is mirrored in even epochs, the other half in odd ones;
 - `cutout` (any of them): one `cutout` x `cutout` square per image, inside it, set to the mean pixel.
@@ -93,7 +94,8 @@ class Augmentation:
 
 def translate(images, pixels, seeds):
     """Shift each image by a whole number of pixels in [-pixels, pixels] on each axis, the image
-    extended by reflection (d c b a | a b c d | d c b a): a random crop of the padded image."""
+    extended by reflection (c b | a b c d | c b, the edge pixel not repeated: airbench's padding and
+    the flip_translate TTA's): a random crop of the padded image."""
     if not pixels:
         return images
     size = ops.shape(images)[0]
@@ -102,7 +104,7 @@ def translate(images, pixels, seeds):
     # the offset's bits from the highest down, each choosing between two slices one bit apart.
     bits = (2 * pixels).bit_length()
     extra = (1 << bits) - 1 - 2 * pixels  # padding never selected; it makes every halving exact
-    x = ops.pad(images, [[0, 0], [pixels, pixels], [pixels, pixels], [0, 0]], mode="symmetric")
+    x = ops.pad(images, [[0, 0], [pixels, pixels], [pixels, pixels], [0, 0]], mode="reflect")
     x = ops.pad(x, [[0, 0], [0, extra], [0, extra], [0, 0]])
     for axis in (1, 2):
         offset = offsets[:, axis - 1]
