@@ -83,24 +83,27 @@ class PartialDirac(keras.initializers.Initializer):
 
 
 def airbench_network(x, config, whitening_sample):
-    """A frozen whitening stem, then conv-pool-BN-ReLU-conv-BN-ReLU blocks (Keller Jordan's
-    airbench, with ReLU instead of GELU: on 2 CPU cores GELU doubles the step time). With
+    """A frozen whitening stem, then conv-pool-BN-act-conv-BN-act blocks (Keller Jordan's airbench;
+    config.activation: its GELU, or ReLU, which is half the step time on 2 CPU cores). With
     `residual`, airbench96's blocks: two convs after the pool, added back onto their input."""
     bn = dict(momentum=config.batchnorm_momentum, epsilon=1e-5, scale=False)
-    whiten = layers.Conv2D(24, 2, padding="valid", name="whiten")
+    activation = config.activation
+    # float32 in any precision: in bfloat16 the stem's rounding error is ~100x float16's (airbench's),
+    # and it costs next to nothing.
+    whiten = layers.Conv2D(24, 2, padding="valid", name="whiten", dtype="float32")
     x = whiten(x)
     whiten.kernel.assign(whitening_kernel(whitening_sample))
     whiten.kernel.trainable = False
-    x = layers.Activation("relu")(x)
+    x = layers.Activation(activation)(x)
     conv = dict(kernel_size=3, padding="same", use_bias=False, kernel_initializer=PartialDirac())
     for width in config.widths:
         x = layers.Conv2D(width, **conv)(x)
         x = layers.MaxPooling2D(2)(x)
-        x = layers.Activation("relu")(layers.BatchNormalization(**bn)(x))
+        x = layers.Activation(activation)(layers.BatchNormalization(**bn)(x))
         block_input = x
         for _ in range(2 if config.residual else 1):
             x = layers.Conv2D(width, **conv)(x)
-            x = layers.Activation("relu")(layers.BatchNormalization(**bn)(x))
+            x = layers.Activation(activation)(layers.BatchNormalization(**bn)(x))
         if config.residual:
             x = layers.Add()([x, block_input])
     x = layers.GlobalMaxPooling2D()(x)

@@ -114,23 +114,50 @@ class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
 @keras.saving.register_keras_serializable("cifar10")
 class BiasScaledSGD(keras.optimizers.SGD):
     """SGD whose BatchNorm biases take `bias_lr_scale` times larger steps (airbench: with their
-    scales frozen, BatchNorm biases are the only per-channel knobs, and they learn slowly)."""
+    scales frozen, BatchNorm biases are the only per-channel knobs, and they learn slowly), and
+    whose whitening stem's bias, with `whiten_bias_steps`, stops after that many steps: no
+    gradient, momentum or decay from then on, as when airbench sets requires_grad=False."""
 
-    def __init__(self, *args, bias_lr_scale=1.0, **kwargs):
+    def __init__(self, *args, bias_lr_scale=1.0, whiten_bias_steps=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.bias_lr_scale = bias_lr_scale
+        self.bias_lr_scale, self.whiten_bias_steps = bias_lr_scale, whiten_bias_steps
 
     def build(self, variables):
         super().build(variables)
         self._bias_indexes = {self._get_variable_index(v) for v in variables if v.path.endswith("/beta")}
+        self._whiten_bias_indexes = (set() if self.whiten_bias_steps is None else
+                                     {self._get_variable_index(v) for v in variables
+                                      if v.path.endswith("whiten/bias")})
+
+    def _learns(self, variable):
+        """1 while `variable` learns, else 0 (a tensor: the step compiles once)."""
+        if self._get_variable_index(variable) not in self._whiten_bias_indexes:
+            return None
+        return ops.cast(self.iterations < self.whiten_bias_steps, variable.dtype)
 
     def update_step(self, gradient, variable, learning_rate):
-        if self._get_variable_index(variable) in self._bias_indexes:
+        index = self._get_variable_index(variable)
+        if index in self._bias_indexes:
             learning_rate = learning_rate * self.bias_lr_scale
+        learns = self._learns(variable)
+        if learns is not None:
+            gradient = gradient * learns
+            if self.momentums:
+                self.assign(self.momentums[index], self.momentums[index] * learns)
         super().update_step(gradient, variable, learning_rate)
 
+    def _apply_weight_decay(self, variables):
+        if self.weight_decay is None:
+            return
+        for variable in variables:
+            if self._use_weight_decay(variable):
+                decay = ops.cast(self.learning_rate, variable.dtype) * ops.cast(self.weight_decay, variable.dtype)
+                learns = self._learns(variable)
+                variable.assign(variable - variable * (decay if learns is None else decay * learns))
+
     def get_config(self):
-        return {**super().get_config(), "bias_lr_scale": self.bias_lr_scale}
+        return {**super().get_config(), "bias_lr_scale": self.bias_lr_scale,
+                "whiten_bias_steps": self.whiten_bias_steps}
 
 
 class Lookahead(keras.callbacks.Callback):
@@ -182,8 +209,10 @@ def make_optimizer(config, steps_per_epoch):
     if config.optimizer == "adam":
         return keras.optimizers.Adam(lr)
     if config.optimizer in ("sgd", "nesterov"):
+        frozen = None if config.whiten_bias_epochs is None else config.whiten_bias_epochs * steps_per_epoch
         return BiasScaledSGD(lr, momentum=config.momentum, nesterov=config.optimizer == "nesterov",
-                             weight_decay=config.weight_decay or None, bias_lr_scale=config.bn_bias_lr_scale)
+                             weight_decay=config.weight_decay or None, bias_lr_scale=config.bn_bias_lr_scale,
+                             whiten_bias_steps=frozen)
     raise ValueError(f"unknown optimizer {config.optimizer!r}")
 
 

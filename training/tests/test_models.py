@@ -17,7 +17,7 @@ def test_whitening_filters_decorrelate_image_patches():
     assert np.allclose(kernel[..., 12:], -kernel[..., :12])
 
 
-@pytest.mark.parametrize("name", ["base1", "final", "fast", "default"])
+@pytest.mark.parametrize("name", ["base1", "final", "fast", "default", "airbench94", "default_gpu"])
 def test_models_take_raw_pixels_and_return_ten_logits(name):
     rng = np.random.default_rng(0)
     train_images = rng.integers(0, 256, (600, 32, 32, 3), dtype=np.uint8)
@@ -114,3 +114,16 @@ def test_mixed_bfloat16_convs_compute_in_bf16_and_the_float32_twin_shares_their_
     # bf16 keeps 8 bits of mantissa: the two agree closely, not exactly.
     twin_logits = np.asarray(twin(pixels, training=False))
     assert 0 < np.abs(logits - twin_logits).max() < 0.05 * np.abs(twin_logits).max()
+
+
+def test_the_activation_comes_from_the_config_and_the_whitening_stem_computes_in_float32():
+    import keras
+    images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    model = build_model(get_config("airbench94", widths=(8, 16, 16), precision="mixed_bfloat16"), images)
+    activations = [layer.activation.__name__ for layer in model.layers if isinstance(layer, keras.layers.Activation)]
+    assert activations == ["gelu"] * 7
+    whiten = model.get_layer("whiten")
+    assert whiten.compute_dtype == "float32" and whiten.output.dtype == "float32"
+    assert model.get_layer(index=3).compute_dtype == "bfloat16"  # the activation after it: the policy's
+    relu = build_model(get_config("fast", widths=(8, 16, 16)), images)
+    assert {layer.activation.__name__ for layer in relu.layers if isinstance(layer, keras.layers.Activation)} == {"relu"}

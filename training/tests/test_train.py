@@ -350,3 +350,28 @@ def test_onecycle_rises_from_its_start_to_the_peak_then_falls_to_its_end():
     schedule = OneCycle(2.0, total_steps=100, warmup_fraction=0.25, start=0.2, end=0.1)
     lr = {step: float(schedule(step)) for step in (0, 10, 25, 50, 100)}
     assert lr == pytest.approx({0: 0.4, 10: 0.4 + 1.6 * 10 / 25, 25: 2.0, 50: 0.2 + 1.8 * 50 / 75, 100: 0.2})
+
+
+def test_the_whitening_bias_learns_for_its_steps_then_stops_while_the_rest_learns_on():
+    import keras
+    from training.train import BiasScaledSGD
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(48, 4, 4, 3)).astype("float32")
+    y = rng.normal(size=(48, 1)).astype("float32")
+    inputs = keras.Input((4, 4, 3))
+    hidden = keras.layers.Conv2D(2, 2, name="whiten")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(1, name="head")(keras.layers.Flatten()(hidden)))
+    model.compile(BiasScaledSGD(0.05, momentum=0.9, nesterov=True, weight_decay=0.1, whiten_bias_steps=3), "mse")
+    history = []
+
+    class RecordWeights(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            history.append({w.path: np.array(w) for w in self.model.weights})
+
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[RecordWeights()])
+    bias = [step["whiten/bias"] for step in history]
+    kernel = [step["head/kernel"] for step in history]
+    assert all(not np.allclose(a, b) for a, b in zip([np.zeros(2)] + bias[:2], bias[:3])), "learns for 3 steps"
+    assert all(np.array_equal(bias[2], later) for later in bias[3:]), "then neither gradient, momentum nor decay"
+    assert all(not np.allclose(a, b) for a, b in zip(kernel[2:], kernel[3:]))
+    assert BiasScaledSGD.from_config(model.optimizer.get_config()).whiten_bias_steps == 3
