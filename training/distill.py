@@ -1,13 +1,17 @@
 """Knowledge distillation (Hinton et al. 2015): a small student learns from a strong teacher's
 soft targets as well as from the labels, so serving cost moves into training time.
 
-The teacher is any exported SavedModel version (a single run, a TTA export, an ensemble): what it
-serves is what the student learns from. Its outputs over the un-augmented training images are
+The teacher is an exported SavedModel version (a single run, a TTA export, an ensemble: what it
+serves is what the student learns from), or a finished run directory, whose network is rebuilt by
+the current backend and averaged over the run's TTA views: a GPU machine with JAX and no
+TensorFlow trains a teacher and then its student (training/gpu_session.sh). Its outputs over the
+un-augmented training images are
 computed once and cached in the run directory; the student then sees them under every crop, flip
 and cutout of that image (on 2 CPU cores a teacher pass per training step would cost more than
 the student's whole step).
 
     python -m training.distill models/cifar10/1 --data data --out runs/student/teacher-logits.npz
+    python -m training.distill runs/default_gpu --data data --validation-size 5000 --out ...
 """
 
 import argparse
@@ -23,6 +27,7 @@ from keras import ops
 from training.augment import Augmented
 from training.calibration import log_probabilities
 from training.data import load_cifar10
+from training.models import WEIGHTS, averaged_logits
 
 TEACHER_LOGITS = "teacher-logits.npz"
 
@@ -30,7 +35,9 @@ TEACHER_LOGITS = "teacher-logits.npz"
 def fingerprint(teacher_dir, images):
     """Names the teacher version and the images: a cache made for others is not reused."""
     digest = hashlib.sha256()
-    for path in sorted(Path(teacher_dir).rglob("*")):
+    teacher_files = ([Path(teacher_dir) / name for name in (WEIGHTS, "config.json")] if is_run_directory(teacher_dir)
+                     else Path(teacher_dir).rglob("*"))
+    for path in sorted(teacher_files):
         if path.is_file():
             digest.update(path.relative_to(teacher_dir).as_posix().encode())
             digest.update(path.read_bytes())
@@ -38,17 +45,39 @@ def fingerprint(teacher_dir, images):
     return digest.hexdigest()
 
 
+def is_run_directory(teacher):
+    return (Path(teacher) / WEIGHTS).is_file()
+
+
+def run_probabilities(run_dir, images, batch_size, progress):
+    """A finished run's softmax over its TTA views, computed by the current backend, normalizing
+    with the statistics of the images it trained on."""
+    from training.finish import network_from_run, saved_config
+    config = saved_config(run_dir)
+    model, _ = network_from_run(config, run_dir, images, own_statistics=True)
+    pixels = keras.Input((32, 32, 3))
+    served = keras.Model(pixels, ops.softmax(averaged_logits(model, pixels, config.tta)))
+
+    class Progress(keras.callbacks.Callback):
+        def on_predict_batch_end(self, batch, logs=None):
+            progress(min((batch + 1) * batch_size, len(images)))
+    return served.predict(images.astype("float32"), batch_size=batch_size, verbose=0, callbacks=[Progress()])
+
+
 def compute_teacher_logits(teacher_dir, images, batch_size=250):
-    """log of the teacher's served probabilities: logits up to a per-image constant, which no
-    softmax sees."""
-    from training.export import predict_exported
+    """log of the teacher's probabilities: logits up to a per-image constant, which no softmax
+    sees."""
     started = time.perf_counter()
 
     def progress(done):
         rate = done / (time.perf_counter() - started)
         print(f"\rteacher {teacher_dir}: {done}/{len(images)} images, {rate:.0f}/s, "
               f"{(len(images) - done) / rate / 60:.1f} min left", end="", file=sys.stderr, flush=True)
-    probabilities = predict_exported(teacher_dir, images, batch_size, progress)
+    if is_run_directory(teacher_dir):
+        probabilities = run_probabilities(teacher_dir, images, batch_size, progress)
+    else:
+        from training.export import predict_exported
+        probabilities = predict_exported(teacher_dir, images, batch_size, progress)
     print(file=sys.stderr)
     return log_probabilities(probabilities).astype(np.float32)
 

@@ -22,6 +22,7 @@ import tensorflow as tf
 import keras
 
 from training.data import CLASS_NAMES
+from training.models import averaged_logits
 
 SIGNATURE = "serving_default"
 INPUT = "images"
@@ -66,20 +67,6 @@ class Float16Kernels(tf.Module):
                                               computed(self.non_trainable, self.model.non_trainable_variables),
                                               pixels, training=training)
         return logits
-
-
-def averaged_logits(model, pixels, tta):
-    """airbench's test-time augmentation: average with the mirror image ("flip", 2 passes), and
-    also with 1-pixel shifts up-left and down-right ("flip_translate", 6 passes)."""
-    def with_mirror(x):
-        logits = model(x, training=False)
-        return logits if tta == "none" else (logits + model(tf.image.flip_left_right(x), training=False)) / 2
-
-    logits = with_mirror(pixels)
-    if tta == "flip_translate":
-        padded = tf.pad(pixels, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="REFLECT")
-        logits = (logits + (with_mirror(padded[:, :32, :32]) + with_mirror(padded[:, 2:, 2:])) / 2) / 2
-    return logits
 
 
 def serving_function(model, tta, temperature=1.0):

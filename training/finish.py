@@ -34,15 +34,21 @@ def saved_config(run_dir):
     return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known})
 
 
-def network_from_run(config, run_dir, train_images):
-    """The run's trained network, built in float32 by the current backend; and the file's meta."""
-    model = build_model(replace(config, precision="float32"), train_images)
+def network_from_run(config, run_dir, train_images, own_statistics=False):
+    """The run's trained network, built in float32 by the current backend; and the file's meta.
+    `own_statistics`: normalize with the statistics the run recorded rather than check that
+    `train_images` have them (a teacher labelling other images than it trained on)."""
     weights = Path(run_dir) / WEIGHTS
     if not weights.is_file():
         raise ValueError(f"{weights}: missing; the run has not finished (train it to the end first)")
+    with np.load(weights) as saved:
+        recorded = json.loads(str(saved["meta"]))
+    statistics = (np.array(recorded["mean"]), np.array(recorded["std"])) if own_statistics else None
+    model = build_model(replace(config, precision="float32"), train_images, statistics)
     meta = load_network_weights(model, weights)
     mean, std = channel_stats(train_images)
-    if not (np.allclose(mean, meta["mean"], rtol=1e-6) and np.allclose(std, meta["std"], rtol=1e-6)):
+    if not own_statistics and not (np.allclose(mean, meta["mean"], rtol=1e-6) and
+                                   np.allclose(std, meta["std"], rtol=1e-6)):
         raise ValueError(f"{run_dir} was trained on other images than these (channel statistics differ); "
                          "pass the data it was trained on")
     return model, meta

@@ -111,14 +111,14 @@ def airbench_network(x, config, whitening_sample):
     return layers.Rescaling(config.logit_scale, name="logits", dtype="float32")(x)
 
 
-def build_model(config, train_images):
+def build_model(config, train_images, statistics=None):
     """A functional model: raw pixels -> preprocessing -> network -> logits.
-    The normalization statistics come from `train_images` only. Layers compute in
-    config.precision; the logits are float32 either way."""
+    The normalization statistics come from `train_images` only (or are the given (mean, std)).
+    Layers compute in config.precision; the logits are float32 either way."""
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(config.precision)
     try:
-        return _build_model(config, train_images)
+        return _build_model(config, train_images, statistics)
     finally:
         keras.mixed_precision.set_global_policy(previous)
 
@@ -133,8 +133,8 @@ def float32_twin(model, config, train_images):
     return twin
 
 
-def _build_model(config, train_images):
-    mean, std = channel_stats(train_images)
+def _build_model(config, train_images, statistics=None):
+    mean, std = channel_stats(train_images) if statistics is None else statistics
     preprocess = preprocessing_layer(config, mean, std)
     inputs = keras.Input((32, 32, 3), name="pixels")
     x = preprocess(inputs)
@@ -146,6 +146,23 @@ def _build_model(config, train_images):
     else:
         raise ValueError(f"unknown architecture {config.architecture!r}")
     return keras.Model(inputs, logits, name=config.name)
+
+
+def averaged_logits(model, pixels, tta):
+    """airbench's test-time augmentation: average with the mirror image ("flip", 2 passes), and
+    also with 1-pixel shifts up-left and down-right ("flip_translate", 6 passes). keras.ops: the
+    export's graph (TensorFlow) and a teacher's pass under JAX compute the same views."""
+    ops = keras.ops
+
+    def with_mirror(x):
+        logits = model(x, training=False)
+        return logits if tta == "none" else (logits + model(ops.flip(x, axis=2), training=False)) / 2
+
+    logits = with_mirror(pixels)
+    if tta == "flip_translate":
+        padded = ops.pad(pixels, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="reflect")
+        logits = (logits + (with_mirror(padded[:, :32, :32]) + with_mirror(padded[:, 2:, 2:])) / 2) / 2
+    return logits
 
 
 # The trained network as a run hands it over: what export needs, from whichever backend trained it.
