@@ -53,19 +53,26 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x8
 RUN_SH = """#!/bin/sh
 # ./run.sh CONFIG RUN_DIR [training options]: train CONFIG under JAX into RUN_DIR (see MANIFEST.json).
 # Then copy RUN_DIR back and, where TensorFlow is: make export RUN=<that copy>.
+# ./run.sh study OUT [training.study options]: the study's runs; ./run.sh reference OUT AIRBENCH94_PY:
+# the reference recipe on these images; ./run.sh unpack: install and decode only. ./session.sh: all.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
-[ $# -ge 2 ] || { echo "usage: ./run.sh CONFIG RUN_DIR [training options]" >&2; exit 2; }
-config=$1; run_dir=$2; shift 2
+[ $# -ge 1 ] || { echo "usage: ./run.sh CONFIG RUN_DIR [training options]" >&2; exit 2; }
 python=${PYTHON:-python3}
 work=${BUNDLE_WORK:-$here/work}
 export PYTHONPATH="$work/site:$here/code" KERAS_BACKEND=jax MPLBACKEND=Agg
 # Several runs can share one GPU: JAX takes memory as it needs it, not 75% up front.
 export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
 PYTHONPATH="$here/code" "$python" -m training.bundle unpack "$here" --work "$work"
-exec "$python" -m training.train --config "$config" --data "$work/cifar10" --run-dir "$run_dir" "$@"
+[ "$1" != unpack ] || exit 0
+[ $# -ge 2 ] || { echo "usage: ./run.sh CONFIG RUN_DIR [training options]" >&2; exit 2; }
+command=$1; out=$2; shift 2
+case $command in
+    study) exec "$python" -m training.study --data "$work/cifar10" --out "$out" "$@" ;;
+    reference) exec "$python" -m training.reference "$@" --data "$work/cifar10" --out "$out" ;;
+    *) exec "$python" -m training.train --config "$command" --data "$work/cifar10" --run-dir "$out" "$@" ;;
+esac
 """
-
 
 def digest(train, test):
     """sha256 of the decoded pixels and labels, train then test: what 'identical data' means."""
@@ -139,7 +146,9 @@ def build(out, data_dir, jpeg_zip, python_versions, preset):
     label = Path(data_dir) / "DATASET.txt"
     (out / "data" / "DATASET.txt").write_text(label.read_text() if label.is_file() else "CIFAR-10\n")
     (out / "run.sh").write_text(RUN_SH)
-    (out / "run.sh").chmod(0o755)
+    shutil.copy2(REPO / "training" / "gpu_session.sh", out / "session.sh")
+    for script in ("run.sh", "session.sh"):
+        (out / script).chmod(0o755)
     sizes = {part: sum(f.stat().st_size for f in (out / part).rglob("*") if f.is_file())
              for part in ("code", "wheels", "data")}
     manifest = {"pixels_sha256": digest(train, test), "images": {"train": len(train.labels), "test": len(test.labels)},

@@ -163,6 +163,13 @@ CONFIGS["student"] = replace(
                 "predictions, single view, 40 epochs, temperature-calibrated on 5,000 held-out images",
     widths=(48, 128, 256), epochs=40, tta="none", validation_size=5000, teacher="models/cifar10/1",
     distill_alpha=0.1, distill_temperature=4.0)
+# The student of a GPU session (training/gpu_session.sh): the same network, taught by default_gpu's
+# run directory (its flip-and-translate predictions, computed under JAX), holding out the same
+# 5,000 images, so its held-out accuracy and temperature are measured on images neither saw.
+CONFIGS["student_gpu"] = replace(
+    CONFIGS["student"], name="student_gpu",
+    description="the served model's network distilled from default_gpu (a run directory) on a GPU, 80 epochs",
+    teacher="runs/default_gpu", epochs=80)
 # One epoch on a small slice: what the tests train.
 CONFIGS["tiny"] = replace(CONFIGS["fast"], name="tiny", description="smoke test: a very small fast net",
                           widths=(8, 16, 16), batch_size=64, epochs=1)
