@@ -64,7 +64,7 @@ def run_probabilities(run_dir, images, batch_size, progress):
     return served.predict(images.astype("float32"), batch_size=batch_size, verbose=0, callbacks=[Progress()])
 
 
-def compute_teacher_logits(teacher_dir, images, batch_size=250):
+def compute_teacher_logits(teacher_dir, images, batch_size=1000):
     """log of the teacher's probabilities: logits up to a per-image constant, which no softmax
     sees."""
     started = time.perf_counter()
