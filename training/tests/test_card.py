@@ -17,11 +17,11 @@ EVALUATION = {"dataset": "CIFAR-10 (JPEG copy)", "images": 256, "accuracy": 0.12
 
 
 @pytest.fixture(scope="module")
-def tiny(data_dir):
+def tiny(small_data_dir):
     from training.configs import get_config
     from training.data import load_cifar10
     from training.models import build_model
-    train, test = load_cifar10(data_dir)
+    train, test = load_cifar10(small_data_dir)  # data_dir's first images
     config = get_config("tiny")
     return config, build_model(config, train.images[:1024]), test.images[:300]
 

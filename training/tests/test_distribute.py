@@ -32,7 +32,7 @@ from training.distribute import (Placement, cluster_from_tf_config, scaled_for_r
 from training.tests.conftest import REPO
 
 EPOCHS = 2
-SLICE = ["--train-limit", "1024", "--test-limit", "256"]
+SLICE = ["--train-limit", "1024", "--test-limit", "256"]  # of small_data_dir (conftest): data_dir's first images
 # `python -m training.train` (main, hence the placement its environment asks for), without the
 # crop; with SYNC_BATCHNORM=1, BatchNorm's moments computed as the distributed run computes them.
 TRAIN_WITHOUT_CROP = """
@@ -156,12 +156,12 @@ def assert_same_weights(a_dir, b_dir):
 
 
 @pytest.fixture(scope="module")
-def runs(data_dir, tmp_path_factory):
+def runs(small_data_dir, tmp_path_factory):
     """The same run of `tiny` (no crop, 2 epochs of 16 steps of 64) on one process and on two."""
     root = tmp_path_factory.mktemp("distributed")
     # At the same time: the workers spend much of their time waiting for each other.
-    single = start(root / "single", data_dir, root / "single.log", SYNC_BATCHNORM="1")
-    workers = start_workers(root / "two", data_dir, root)
+    single = start(root / "single", small_data_dir, root / "single.log", SYNC_BATCHNORM="1")
+    workers = start_workers(root / "two", small_data_dir, root)
     finish([single, *workers], [root / "single.log", root / "worker0.log", root / "worker1.log"])
     return root
 
@@ -187,10 +187,10 @@ def test_only_the_chief_wrote_evaluated_and_the_other_worker_left_nothing(runs):
     assert sorted(p.name for p in (runs / "two" / "checkpoints").iterdir()) == [f"epoch-{EPOCHS:04d}.weights.h5"]
 
 
-def test_a_killed_worker_stops_the_other_and_both_restarted_resume_from_the_last_checkpoint(runs, data_dir):
+def test_a_killed_worker_stops_the_other_and_both_restarted_resume_from_the_last_checkpoint(runs, small_data_dir):
     run, logs = runs / "killed", runs / "killed-logs"
     logs.mkdir()
-    workers = start_workers(run, data_dir, logs)
+    workers = start_workers(run, small_data_dir, logs)
     state = run / "state.json"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and workers[1].poll() is None:
@@ -206,7 +206,7 @@ def test_a_killed_worker_stops_the_other_and_both_restarted_resume_from_the_last
 
     again = logs / "again"
     again.mkdir()
-    restarted = start_workers(run, data_dir, again)
+    restarted = start_workers(run, small_data_dir, again)
     finish(restarted, [again / "worker0.log", again / "worker1.log"])
     assert f"resuming {run} after epoch {killed_at}/{EPOCHS}" in (again / "worker0.log").read_text()
     assert f"after epoch {killed_at}/{EPOCHS}" in (again / "worker1.log").read_text()
@@ -216,7 +216,7 @@ def test_a_killed_worker_stops_the_other_and_both_restarted_resume_from_the_last
 
 # ---- JAX: keras.distribution.DataParallel, chosen by the same from_environment ---------------
 
-def test_under_jax_data_parallel_over_two_devices_trains_what_one_device_trains(data_dir, tmp_path):
+def test_under_jax_data_parallel_over_two_devices_trains_what_one_device_trains(small_data_dir, tmp_path):
     """Two CPU devices in one process (XLA's host platform split in two) against one. JAX's arrays
     are global, so BatchNorm's moments are the whole batch's with the plain layer."""
     pytest.importorskip("jax")
@@ -224,7 +224,7 @@ def test_under_jax_data_parallel_over_two_devices_trains_what_one_device_trains(
     for devices in (1, 2):
         env = {"KERAS_BACKEND": "jax", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
         command = [sys.executable, "-c", TRAIN_WITHOUT_CROP, "--config", "tiny", "--epochs", "1", "--data",
-                   str(data_dir), "--run-dir", str(tmp_path / f"devices{devices}"), *SLICE]
+                   str(small_data_dir), "--run-dir", str(tmp_path / f"devices{devices}"), *SLICE]
         processes.append(subprocess.Popen(command, cwd=REPO, env={**os.environ, **env}, stdout=open(
             tmp_path / f"devices{devices}.log", "w"), stderr=subprocess.STDOUT))
     finish(processes, [tmp_path / "devices1.log", tmp_path / "devices2.log"])
