@@ -41,9 +41,29 @@ def test_study_indexes_are_config_major_each_in_its_own_directory(tmp_path):
     assert [r.run_dir.name for r in study_runs(["base1", "tiny"], None, tmp_path)] == ["base1", "tiny"]
 
 
-def test_the_whole_seed_study_runs_end_to_end_at_a_small_budget(data_dir, tmp_path):
+def test_the_whole_seed_study_runs_end_to_end_at_a_small_budget(small_data_dir, tmp_path, capsys):
     names = SEED_STUDY + ["fast"]
-    table = run_study(names, tmp_path, epochs=1, data=data_dir, train_limit=1024, test_limit=64).read_text()
+    # Trained as two halves at once: each `python -m training.study` runs its configurations one after
+    # the other in one process, as run_study would in this one; on two cores, where a run is mostly
+    # one thread tracing and plotting, that takes two thirds of the time. The whole study then finds
+    # every run finished (the results match its settings) and builds its table from them.
+    budget = ["--epochs", "1", "--train-limit", "1024", "--test-limit", "64", "--data", str(small_data_dir),
+              "--out", str(tmp_path)]
+    halves = []
+    for i, half in enumerate((names[:6], names[6:])):
+        with open(tmp_path / f"half{i}.log", "w") as log:
+            halves.append(subprocess.Popen([sys.executable, "-m", "training.study", "--configs", ",".join(half),
+                                            *budget], cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
+    try:
+        for i, half in enumerate(halves):
+            assert half.wait(timeout=600) == 0, (tmp_path / f"half{i}.log").read_text()[-3000:]
+    finally:
+        for half in halves:
+            if half.poll() is None:
+                half.kill()
+                half.wait()
+    table = run_study(names, tmp_path, epochs=1, data=small_data_dir, train_limit=1024, test_limit=64).read_text()
+    assert capsys.readouterr().out.count("finished already") == len(names)
     rows = config_rows(table)
     assert [row[0] for row in rows] == names
     assert "| 82.37% |" in table and "90.87% (275 ep)" in table
@@ -52,11 +72,12 @@ def test_the_whole_seed_study_runs_end_to_end_at_a_small_budget(data_dir, tmp_pa
         assert (tmp_path / name / "evaluation" / "confusion_matrix.png").is_file()
 
 
-def test_a_parallel_study_runs_each_index_once_reports_mean_and_std_and_skips_finished_runs(data_dir, tmp_path):
+def test_a_parallel_study_runs_each_index_once_reports_mean_and_std_and_skips_finished_runs(small_data_dir,
+                                                                                          tmp_path):
     """make study JOBS=2: two processes, each the command a pod of the Indexed Job runs."""
     out = tmp_path / "study"
     command = [sys.executable, "-m", "training.study", "--configs", "tiny", "--seeds", "0,1", "--epochs", "2",
-               "--train-limit", "512", "--test-limit", "128", "--data", str(data_dir), "--out", str(out), "--jobs", "2"]
+               "--train-limit", "512", "--test-limit", "128", "--data", str(small_data_dir), "--out", str(out), "--jobs", "2"]
     first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     # Both runs were started before either finished: they ran at the same time.
