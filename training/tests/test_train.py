@@ -6,18 +6,10 @@ import numpy as np
 import pytest
 
 from training.export import SIGNATURE, existing_versions, predict_exported
-from training.tests.conftest import run_training, train_until_killed
+from training.tests.conftest import TINY_SLICE as SLICE
+from training.tests.conftest import run_training, start_training, train_until_killed
 
-SLICE = ["--train-limit", 1024, "--test-limit", 256]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(data_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    result = run_training("--config", "tiny", "--epochs", 1, "--data", data_dir, "--run-dir", root / "run",
-                          "--export-base", root / "models", *SLICE)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root, result
+# tiny_run (conftest): `tiny`, one epoch on SLICE of small_data_dir, exported; shared by the session.
 
 
 def test_one_epoch_writes_the_whole_run_directory(tiny_run):
@@ -37,7 +29,7 @@ def test_one_epoch_writes_the_whole_run_directory(tiny_run):
     assert evaluation["dataset"] == "CIFAR-10 (JPEG copy)"
 
 
-def test_the_export_reloads_and_agrees_with_the_evaluation(tiny_run, data_dir):
+def test_the_export_reloads_and_agrees_with_the_evaluation(tiny_run, small_data_dir):
     import tensorflow as tf
     from training.data import load_cifar10
     root, _ = tiny_run
@@ -45,7 +37,7 @@ def test_the_export_reloads_and_agrees_with_the_evaluation(tiny_run, data_dir):
     export = root / "models" / "1"
     signature = tf.saved_model.load(str(export)).signatures[SIGNATURE]
     assert signature.structured_input_signature[1]["images"].dtype == tf.uint8
-    _, test = load_cifar10(data_dir)
+    _, test = load_cifar10(small_data_dir)
     images = test.images[:256]
     outputs = signature(images=tf.constant(images))
     probabilities = outputs["probabilities"].numpy()
@@ -74,26 +66,26 @@ def test_the_export_carries_the_runs_model_card(tiny_run):
     assert card["cost_per_image"]["multiply_adds"] > 0 and card["cost_per_image"]["parameters"] > 0
 
 
-def test_the_export_stores_each_weight_once(tiny_run, data_dir):
+def test_the_export_stores_each_weight_once(tiny_run, small_data_dir):
     import tensorflow as tf
     from training.configs import get_config
     from training.data import load_cifar10
     from training.models import build_model
     root, _ = tiny_run
-    train, _ = load_cifar10(data_dir)
+    train, _ = load_cifar10(small_data_dir)
     model = build_model(get_config("tiny"), train.images[:1024])
     reader = tf.train.load_checkpoint(str(root / "models" / "1" / "variables" / "variables"))
     stored = sum(int(np.prod(shape)) for shape in reader.get_variable_to_shape_map().values())
     assert model.count_params() <= stored < 1.2 * model.count_params()
 
 
-def test_the_export_stores_kernels_in_float16_and_serves_what_the_float32_model_computes(data_dir, tmp_path):
+def test_the_export_stores_kernels_in_float16_and_serves_what_the_float32_model_computes(small_data_dir, tmp_path):
     import tensorflow as tf
     from training.configs import get_config
     from training.data import load_cifar10
     from training.export import averaged_logits, export_savedmodel
     from training.models import build_model
-    train, test = load_cifar10(data_dir)
+    train, test = load_cifar10(small_data_dir)
     model = build_model(get_config("tiny"), train.images[:1024])
     export = export_savedmodel(model, tmp_path, tta="flip")
     reader = tf.train.load_checkpoint(str(export / "variables" / "variables"))
@@ -106,44 +98,45 @@ def test_the_export_stores_kernels_in_float16_and_serves_what_the_float32_model_
     assert np.abs(served - computed).max() < 1e-3 and not np.array_equal(served, computed)
 
 
-def test_rerunning_a_finished_run_trains_nothing_and_exports_nothing_new(tiny_run, data_dir):
+def test_rerunning_a_finished_run_trains_nothing_and_exports_nothing_new(tiny_run, small_data_dir):
     root, _ = tiny_run
-    result = run_training("--config", "tiny", "--epochs", 1, "--data", data_dir, "--run-dir", root / "run",
+    result = run_training("--config", "tiny", "--epochs", 1, "--data", small_data_dir, "--run-dir", root / "run",
                           "--export-base", root / "models", *SLICE)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Epoch 1/1" not in result.stdout and "already exported" in result.stdout
     assert existing_versions(root / "models") == [1]
 
 
-def test_a_finished_run_exports_another_tta_choice_once_as_a_new_version(tiny_run, data_dir, tmp_path):
+def test_a_finished_run_exports_another_tta_choice_once_as_a_new_version(tiny_run, small_data_dir, tmp_path):
     import shutil
     from training.data import load_cifar10
     root, _ = tiny_run
     for name in ("run", "models"):
         shutil.copytree(root / name, tmp_path / name)
     for _ in range(2):
-        result = run_training("--config", "tiny", "--data", data_dir, "--run-dir", tmp_path / "run",
+        result = run_training("--config", "tiny", "--data", small_data_dir, "--run-dir", tmp_path / "run",
                               "--export-base", tmp_path / "models", "--tta", "none", *SLICE)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "Epoch 1/1" not in result.stdout
     assert existing_versions(tmp_path / "models") == [1, 2]
     exports = json.loads((tmp_path / "run" / "export.json").read_text())
     assert {tta: e["version"] for tta, e in exports.items()} == {"flip": 1, "none": 2}
-    _, test = load_cifar10(data_dir)
+    _, test = load_cifar10(small_data_dir)
     served = {v: predict_exported(tmp_path / "models" / str(v), test.images[:64]) for v in (1, 2)}
     assert not np.allclose(served[1], served[2], atol=1e-4)
 
 
-def test_a_run_directory_refuses_a_different_configuration(tiny_run, data_dir):
+def test_a_run_directory_refuses_a_different_configuration(tiny_run, small_data_dir):
     root, _ = tiny_run
-    result = run_training("--config", "fast", "--epochs", 1, "--data", data_dir, "--run-dir", root / "run", *SLICE)
+    result = run_training("--config", "fast", "--epochs", 1, "--data", small_data_dir, "--run-dir", root / "run",
+                          *SLICE)
     assert result.returncode == 1 and "different configuration" in result.stderr
 
 
-def test_bfloat16_training_evaluates_and_exports_in_float32(data_dir, tmp_path):
+def test_bfloat16_training_evaluates_and_exports_in_float32(small_data_dir, tmp_path):
     import tensorflow as tf
     from training.data import load_cifar10
-    result = run_training("--config", "tiny", "--precision", "mixed_bfloat16", "--data", data_dir,
+    result = run_training("--config", "tiny", "--precision", "mixed_bfloat16", "--data", small_data_dir,
                           "--run-dir", tmp_path / "run", "--export-base", tmp_path / "models", *SLICE)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "run/config.json").read_text())["precision"] == "mixed_bfloat16"
@@ -152,7 +145,7 @@ def test_bfloat16_training_evaluates_and_exports_in_float32(data_dir, tmp_path):
     nodes = [*graph.node, *(node for function in graph.library.function for node in function.node_def)]
     assert nodes and not [n.name for n in nodes if any(v.type == tf.bfloat16.as_datatype_enum
                                                        for v in n.attr.values())]
-    _, test = load_cifar10(data_dir)
+    _, test = load_cifar10(small_data_dir)
     probabilities = predict_exported(tmp_path / "models/1", test.images[:256])
     evaluation = json.loads((tmp_path / "run/evaluation/evaluation.json").read_text())
     assert (probabilities.argmax(axis=1) == test.labels[:256]).mean() == pytest.approx(evaluation["accuracy"])
@@ -171,23 +164,28 @@ def test_a_run_from_before_a_field_existed_resumes_if_the_field_keeps_its_defaul
         check_same_config(tmp_path, get_config("tiny", precision="mixed_bfloat16"))
 
 
-def test_a_slice_smaller_than_one_batch_is_an_error_not_an_endless_epoch(data_dir, tmp_path):
-    result = run_training("--config", "fast", "--data", data_dir, "--run-dir", tmp_path, "--train-limit", 100)
+def test_a_slice_smaller_than_one_batch_is_an_error_not_an_endless_epoch(small_data_dir, tmp_path):
+    result = run_training("--config", "fast", "--data", small_data_dir, "--run-dir", tmp_path, "--train-limit", 100)
     assert result.returncode == 1
     assert "error: 100 training images do not fill one batch of 1024" in result.stderr
 
 
-def test_kill_9_then_resume_ends_where_an_uninterrupted_run_does(data_dir, tmp_path):
-    killed_at = train_until_killed(tmp_path / "interrupted", 2, "--config", "tiny", "--epochs", 4, "--deterministic",
-                                   "--data", data_dir, *SLICE)
-    assert 2 <= killed_at < 4, "the run finished before it could be killed"
-    resumed = run_training("--config", "tiny", "--epochs", 4, "--deterministic", "--data", data_dir,
-                           "--run-dir", tmp_path / "interrupted", *SLICE)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming {tmp_path / 'interrupted'} after epoch {killed_at}/4" in resumed.stdout
-    straight = run_training("--config", "tiny", "--epochs", 4, "--deterministic", "--data", data_dir,
-                            "--run-dir", tmp_path / "straight", *SLICE)
+def test_kill_9_then_resume_ends_where_an_uninterrupted_run_does(small_data_dir, tmp_path):
+    common = ["--config", "tiny", "--epochs", 4, "--deterministic", "--data", small_data_dir, *SLICE]
+    # The uninterrupted run trains alongside (its own process and run directory; deterministic ops).
+    straight = start_training(*common, "--run-dir", tmp_path / "straight", log_dir=tmp_path / "straight-logs")
+    try:
+        killed_at = train_until_killed(tmp_path / "interrupted", 2, *common)
+        assert 2 <= killed_at < 4, "the run finished before it could be killed"
+        resumed = run_training(*common, "--run-dir", tmp_path / "interrupted")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"resuming {tmp_path / 'interrupted'} after epoch {killed_at}/4" in resumed.stdout
+    except BaseException:
+        straight.kill()
+        raise
+    straight = straight.finish()
     assert straight.returncode == 0, straight.stderr[-3000:]
+    assert "resuming" not in straight.stdout and "epoch 4:" in straight.stdout
 
     def history(run):
         return json.loads((tmp_path / run / "state.json").read_text())["history"]
@@ -211,11 +209,11 @@ def augmented_epochs(split, config, epochs, steps_per_epoch, first_epoch=0):
     return out
 
 
-def test_alternating_flip_mirrors_each_image_in_every_other_epoch(data_dir):
+def test_alternating_flip_mirrors_each_image_in_every_other_epoch(small_data_dir):
     from dataclasses import replace
     from training.configs import get_config
     from training.data import load_cifar10
-    train, _ = load_cifar10(data_dir)
+    train, _ = load_cifar10(small_data_dir)
     split = train.take(128)
     config = replace(get_config("tiny"), augmentation="crop_alternating_flip", crop_pixels=0, batch_size=64)
     epochs = []
@@ -231,11 +229,11 @@ def test_alternating_flip_mirrors_each_image_in_every_other_epoch(data_dir):
     assert all(epochs[0][i] != epochs[1][i] and epochs[0][i] == epochs[2][i] for i in range(128))
 
 
-def test_crops_are_reflected_whole_pixel_shifts_and_flips_mirror_about_half(data_dir):
+def test_crops_are_reflected_whole_pixel_shifts_and_flips_mirror_about_half(small_data_dir):
     from dataclasses import replace
     from training.configs import get_config
     from training.data import load_cifar10
-    train, _ = load_cifar10(data_dir)
+    train, _ = load_cifar10(small_data_dir)
     split = train.take(64)
     config = replace(get_config("tiny"), augmentation="crop_flip", crop_pixels=2, batch_size=64)
     (images, indexes), = augmented_epochs(split, config, 1, 1)
@@ -250,11 +248,11 @@ def test_crops_are_reflected_whole_pixel_shifts_and_flips_mirror_about_half(data
     assert len(shifts) > 12 and 16 < mirrored < 48
 
 
-def test_cutout_hides_one_square_per_image_under_the_mean_pixel_and_a_resume_hides_the_same(data_dir):
+def test_cutout_hides_one_square_per_image_under_the_mean_pixel_and_a_resume_hides_the_same(small_data_dir):
     from dataclasses import replace
     from training.configs import get_config
     from training.data import channel_stats, load_cifar10
-    train, _ = load_cifar10(data_dir)
+    train, _ = load_cifar10(small_data_dir)
     split = train.take(128)
     config = replace(get_config("tiny"), augmentation="none", cutout=8, batch_size=64)
     mean_pixel = channel_stats(split.images)[0].astype(np.float32)
@@ -291,7 +289,7 @@ def test_the_seed_augmentation_rotates_shifts_and_flips_by_bilinear_sampling():
     assert not np.array_equal(out, np.asarray(augment(images.astype(np.uint8), index, zeros, zeros + 1)))
 
 
-def test_the_training_step_compiles_whole_with_every_augmentation(data_dir):
+def test_the_training_step_compiles_whole_with_every_augmentation(small_data_dir):
     """Augmentation runs inside the XLA-compiled step: Keras keeps jit_compile=True, no fallback."""
     import warnings
     from dataclasses import replace
@@ -300,7 +298,7 @@ def test_the_training_step_compiles_whole_with_every_augmentation(data_dir):
     from training.data import load_cifar10
     from training.models import build_model
     from training.train import compile_model, training_batches
-    train, _ = load_cifar10(data_dir)
+    train, _ = load_cifar10(small_data_dir)
     split = train.take(64)
     for augmentation, cutout in (("seed", 0), ("crop_alternating_flip", 8)):
         config = replace(get_config("tiny"), augmentation=augmentation, cutout=cutout, batch_size=32)
