@@ -6,40 +6,41 @@ import json
 import numpy as np
 import pytest
 
-from training.tests.conftest import run_training, train_until_killed
+from training.tests.conftest import SMALL_TRAIN
+from training.tests.conftest import TINY_SLICE as SLICE
+from training.tests.conftest import run_training, start_training, train_until_killed
 
-SLICE = ["--train-limit", 1024, "--test-limit", 256]
 STUDENT = ["--config", "tiny", "--validation-size", 256, *SLICE]
 
 
 @pytest.fixture(scope="module")
-def teacher(data_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("teacher")
-    result = run_training("--config", "tiny", "--epochs", 2, "--data", data_dir, "--run-dir", root / "run",
-                          "--export-base", root / "models", *SLICE)
-    assert result.returncode == 0, result.stderr[-3000:]
+def teacher(tiny_run):
+    """The session's exported tiny run (conftest): any exported version can teach."""
+    root, _ = tiny_run
     return root / "models" / "1"
 
 
 @pytest.fixture(scope="module")
-def student(data_dir, teacher, tmp_path_factory):
+def student(small_data_dir, teacher, tmp_path_factory):
+    """Trained on a slice of small_data_dir, whose every training image (SMALL_TRAIN, twice the
+    slice) the teacher labels: the cache holds the whole training split, not the slice."""
     root = tmp_path_factory.mktemp("student")
-    result = run_training(*STUDENT, "--teacher", teacher, "--data", data_dir, "--run-dir", root / "run",
+    result = run_training(*STUDENT, "--teacher", teacher, "--data", small_data_dir, "--run-dir", root / "run",
                           "--export-base", root / "models")
     assert result.returncode == 0, result.stderr[-3000:]
     return root, result
 
 
-def test_the_soft_targets_are_the_teachers_served_log_probabilities(student, teacher, data_dir):
+def test_the_soft_targets_are_the_teachers_served_log_probabilities(student, teacher, small_data_dir):
     from training.data import load_cifar10
     from training.export import predict_exported
     root, _ = student
-    train, _ = load_cifar10(data_dir)
+    train, _ = load_cifar10(small_data_dir)
     with np.load(root / "run" / "teacher-logits.npz") as cached:
         logits = cached["logits"]
-    assert logits.shape == (50000, 10)
-    served = predict_exported(teacher, train.images[:1024])
-    assert np.allclose(np.exp(logits[:1024]), served, atol=1e-6)
+    assert logits.shape == (SMALL_TRAIN, 10) and SMALL_TRAIN > 1024  # every image, beyond the slice
+    served = predict_exported(teacher, train.images)
+    assert np.allclose(np.exp(logits), served, atol=1e-6)
 
 
 def test_a_student_monitors_the_held_out_images_and_the_test_split_only_reports(student):
@@ -54,7 +55,7 @@ def test_a_student_monitors_the_held_out_images_and_the_test_split_only_reports(
     assert "ECE" in (root / "run/evaluation/report.md").read_text()
 
 
-def test_the_export_serves_the_fitted_temperature(student, data_dir):
+def test_the_export_serves_the_fitted_temperature(student, small_data_dir):
     """The export's probabilities are the report's: same ECE and NLL on the same test images, and
     unlike the uncalibrated ones the report compares them with."""
     from training.calibration import summary
@@ -64,22 +65,29 @@ def test_the_export_serves_the_fitted_temperature(student, data_dir):
     evaluation = json.loads((root / "run/evaluation/evaluation.json").read_text())
     assert evaluation["temperature"] != pytest.approx(1.0, abs=1e-3)
     assert evaluation["validation"]["after"]["nll"] < evaluation["validation"]["before"]["nll"]
-    _, test = load_cifar10(data_dir)
+    _, test = load_cifar10(small_data_dir)
     served = summary(predict_exported(root / "models" / "1", test.images[:256]), test.labels[:256])
     assert served["ece"] == pytest.approx(evaluation["ece"], abs=1e-4)
     assert served["nll"] == pytest.approx(evaluation["nll"], abs=1e-4)
     assert served["nll"] != pytest.approx(evaluation["before_temperature"]["nll"], abs=1e-3)
 
 
-def test_kill_9_then_resume_ends_where_an_uninterrupted_student_does(data_dir, teacher, tmp_path):
-    common = [*STUDENT, "--teacher", teacher, "--data", data_dir, "--deterministic", "--epochs", 6]
-    killed_at = train_until_killed(tmp_path / "resumed", 2, *common)
-    assert 2 <= killed_at < 6, "the run finished before it could be killed"
-    resumed = run_training(*common, "--run-dir", tmp_path / "resumed")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"after epoch {killed_at}/6" in resumed.stdout
-    straight = run_training(*common, "--run-dir", tmp_path / "straight")
+def test_kill_9_then_resume_ends_where_an_uninterrupted_student_does(small_data_dir, teacher, tmp_path):
+    common = [*STUDENT, "--teacher", teacher, "--data", small_data_dir, "--deterministic", "--epochs", 6]
+    # The uninterrupted run trains alongside (its own process and run directory; deterministic ops).
+    straight = start_training(*common, "--run-dir", tmp_path / "straight", log_dir=tmp_path / "straight-logs")
+    try:
+        killed_at = train_until_killed(tmp_path / "resumed", 2, *common)
+        assert 2 <= killed_at < 6, "the run finished before it could be killed"
+        resumed = run_training(*common, "--run-dir", tmp_path / "resumed")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"after epoch {killed_at}/6" in resumed.stdout
+    except BaseException:
+        straight.kill()
+        raise
+    straight = straight.finish()
     assert straight.returncode == 0, straight.stderr[-3000:]
+    assert "resuming" not in straight.stdout and "epoch 6:" in straight.stdout
 
     def history(run):
         return json.loads((tmp_path / run / "state.json").read_text())["history"]
@@ -107,10 +115,15 @@ def test_the_distillation_loss_mixes_labels_and_the_teachers_softened_targets():
         == pytest.approx(hard, rel=1e-4)
 
 
-def test_a_trial_reports_the_validation_split_and_never_evaluates_the_test_split(data_dir, tmp_path):
-    result = run_training(*STUDENT, "--trial", "--data", data_dir, "--run-dir", tmp_path / "trial")
+def test_a_trial_reports_the_validation_split_and_never_evaluates_the_test_split(small_data_dir, tmp_path):
+    # Two separate processes at once: the refused trial needs nothing of the other.
+    refused = start_training("--config", "tiny", *SLICE, "--trial", "--data", small_data_dir,
+                             "--run-dir", tmp_path / "bare", log_dir=tmp_path / "bare-logs")
+    try:
+        result = run_training(*STUDENT, "--trial", "--data", small_data_dir, "--run-dir", tmp_path / "trial")
+    finally:
+        refused = refused.finish()
     assert result.returncode == 0, result.stderr[-3000:]
     assert "validation accuracy" in result.stdout and "test accuracy" not in result.stdout
     assert (tmp_path / "trial/metrics.csv").is_file() and not (tmp_path / "trial/evaluation").exists()
-    refused = run_training("--config", "tiny", *SLICE, "--trial", "--data", data_dir, "--run-dir", tmp_path / "bare")
     assert refused.returncode == 1 and "needs a validation split" in refused.stderr
