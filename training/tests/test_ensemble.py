@@ -12,19 +12,21 @@ from training.export import existing_versions, predict_exported
 from training.tests.conftest import REPO, run_training
 
 
-def run_ensemble(*args):
-    return subprocess.run([sys.executable, "-m", "training.ensemble", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+def start_ensemble(*args, log):
+    """The ensemble CLI in a fresh process, in the background, its output (both streams) in `log`."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "training.ensemble", *map(str, args)], cwd=REPO,
+                                stdout=out, stderr=subprocess.STDOUT)
 
 
 @pytest.fixture(scope="module")
-def two_runs(data_dir, tmp_path_factory):
+def two_runs(tiny_run, small_data_dir, tmp_path_factory):
+    """The session's tiny run (conftest: the first 1024 training images) and one on the first 512."""
     root = tmp_path_factory.mktemp("ensemble")
-    for name, limit in [("a", 1024), ("b", 512)]:
-        result = run_training("--config", "tiny", "--data", data_dir, "--run-dir", root / name,
-                              "--train-limit", limit, "--test-limit", 64)
-        assert result.returncode == 0, result.stderr[-3000:]
-    return root
+    result = run_training("--config", "tiny", "--data", small_data_dir, "--run-dir", root / "b",
+                          "--train-limit", 512, "--test-limit", 64)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tiny_run[0] / "run", root / "b", root
 
 
 def test_the_exported_ensemble_serves_the_softmax_of_its_members_mean_logits(two_runs, data_dir):
@@ -32,36 +34,49 @@ def test_the_exported_ensemble_serves_the_softmax_of_its_members_mean_logits(two
     from training.data import load_cifar10
     from training.ensemble import load_member
     from training.export import averaged_logits
-    root = two_runs
-    result = run_ensemble(root / "a", root / "b", "--data", data_dir, "--out", root / "out",
-                          "--export-base", root / "models")
-    assert result.returncode == 0, result.stderr[-3000:]
+    a, b, root = two_runs
+    log = root / "ensemble.log"
+    cli = start_ensemble(a, b, "--data", data_dir, "--out", root / "out", "--export-base", root / "models", log=log)
+    try:  # meanwhile (a process each, on two cores), the members rebuilt here, as the CLI builds them
+        train, test = load_cifar10(data_dir)
+        images = test.images[:64]
+        pixels = tf.constant(images, tf.float32)
+        members = [averaged_logits(load_member(run, train.images, i)[0], pixels, "flip").numpy()
+                   for i, run in enumerate((a, b))]
+        cli.wait(timeout=600)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+    assert cli.returncode == 0, log.read_text()[-3000:]
     assert existing_versions(root / "models") == [1]
     record = json.loads((root / "out/members.json").read_text())
     evaluation = json.loads((root / "out/evaluation/evaluation.json").read_text())
     assert record["tta"] == "flip" and record["accuracy"] == evaluation["accuracy"]
-    assert [m["run"] for m in record["members"]] == [str(root / "a"), str(root / "b")]
+    assert [m["run"] for m in record["members"]] == [str(a), str(b)]
     assert record["members"][0]["config"]["name"] == "tiny"
     assert evaluation["images"] == 10000 and np.sum(evaluation["confusion_matrix"]) == 10000
 
-    train, test = load_cifar10(data_dir)
-    images = test.images[:64]
-    pixels = tf.constant(images, tf.float32)
-    members = [averaged_logits(load_member(root / name, train.images, i)[0], pixels, "flip").numpy()
-               for i, name in enumerate("ab")]
     served = predict_exported(root / "models/1", images)
     assert np.allclose(served, tf.nn.softmax((members[0] + members[1]) / 2).numpy(), atol=1e-3)
     for logits in members:  # and not simply one of them
         assert np.abs(served - tf.nn.softmax(logits).numpy()).max() > 1e-3
 
 
-def test_an_unfinished_run_or_a_missing_one_is_refused_by_name(two_runs, data_dir, tmp_path):
+def test_an_unfinished_run_or_a_missing_one_is_refused_by_name(two_runs, small_data_dir, tmp_path):
+    """The CLI's main in this process (no TensorFlow start-up per refusal), as test_backends runs
+    training.finish's for an unfinished run: a refusal is sys.exit with the message, which the user
+    sees on stderr with exit status 1 and no traceback; any other exception fails pytest.raises."""
+    from training.ensemble import main
+    a, b, _ = two_runs
     unfinished = tmp_path / "unfinished"
-    shutil.copytree(two_runs / "a", unfinished)
+    shutil.copytree(a, unfinished)
     config = json.loads((unfinished / "config.json").read_text())
     (unfinished / "config.json").write_text(json.dumps({**config, "epochs": 3}))
-    result = run_ensemble(two_runs / "b", unfinished, "--data", data_dir, "--out", tmp_path / "out")
-    assert result.returncode != 0 and f"{unfinished} is not finished (1 of 3 epochs)" in result.stderr
-    result = run_ensemble(tmp_path / "nowhere", two_runs / "b", "--data", data_dir, "--out", tmp_path / "out")
-    assert result.returncode != 0 and "nowhere is not a run directory" in result.stderr
-    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as refused:
+        main([str(b), str(unfinished), "--data", str(small_data_dir), "--out", str(tmp_path / "out")])
+    assert isinstance(refused.value.code, str) and f"{unfinished} is not finished (1 of 3 epochs)" in refused.value.code
+    with pytest.raises(SystemExit) as refused:
+        main([str(tmp_path / "nowhere"), str(b), "--data", str(small_data_dir), "--out", str(tmp_path / "out")])
+    assert isinstance(refused.value.code, str) and "nowhere is not a run directory" in refused.value.code
+    assert not (tmp_path / "out").exists()
