@@ -16,22 +16,51 @@ import pytest
 from training.tests.conftest import REPO
 
 RUN = ["--epochs", "4", "--train-limit", "1024", "--test-limit", "256"]
-# Under JAX: an uninterrupted run (this checkout's code), then, from the bundle's run directory,
-# the network's flip-averaged logits (tiny's TTA) for the first 256 test images.
+# Under JAX: an uninterrupted run (this checkout's code), trained while the bundle is built and its
+# run killed and resumed; then, from the bundle's run directory once the file `go` says that run has
+# finished, the network's flip-averaged logits (tiny's TTA) for the first 256 test images.
 JAX_SIDE = """
 import sys
+import time
+from pathlib import Path
 import numpy as np
 from training.data import load_cifar10
 from training.finish import network_from_run, saved_config
 from training.train import main
-data, straight, run, out = sys.argv[1:5]
-main(["--config", "tiny", "--data", data, "--run-dir", straight, *sys.argv[5:]])
+data, straight, run, out, go = sys.argv[1:6]
+main(["--config", "tiny", "--data", data, "--run-dir", straight, *sys.argv[6:]])
+deadline = time.monotonic() + 600
+while not Path(go).exists():
+    if time.monotonic() > deadline:
+        sys.exit(f"{go} never appeared: the bundle's run did not finish")
+    time.sleep(0.1)
 train, test = load_cifar10(data)
 model, meta = network_from_run(saved_config(run), run, train.images[:1024])
 x = test.images[:256].astype("float32")
 logits = (np.asarray(model.predict(x, verbose=0)) + np.asarray(model.predict(x[:, :, ::-1], verbose=0))) / 2
 np.save(out, logits)
 """
+
+
+@pytest.fixture(scope="module", autouse=True)
+def jax_reference(request, data_dir, tmp_path_factory):
+    """JAX_SIDE, started with the module when jax_run is wanted: its uninterrupted run needs no
+    bundle, so it trains while the bundle is built and its run killed and resumed (a process of
+    its own, its own run directory); it waits for the file `go` before reading the bundle's run."""
+    if not any("jax_run" in item.fixturenames for item in request.session.items if item.module is request.module):
+        yield None
+        return
+    pytest.importorskip("jax")
+    root = tmp_path_factory.mktemp("jax")
+    go, log = root / "bundle-run-finished", root / "side.log"
+    with open(log, "w") as out:
+        side = subprocess.Popen([sys.executable, "-c", JAX_SIDE, data_dir, root / "straight", root / "run",
+                                 root / "logits.npy", go, *RUN], env={**os.environ, "KERAS_BACKEND": "jax"},
+                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    yield root, side, go, log
+    if side.poll() is None:
+        side.kill()
+        side.wait()
 
 
 @pytest.fixture(scope="module")
@@ -60,20 +89,24 @@ def run_until_killed(command, env, state, epoch):
 
 
 @pytest.fixture(scope="module")
-def jax_run(bundle, data_dir, tmp_path_factory):
+def jax_run(bundle, jax_reference):
     out, _ = bundle
-    root = tmp_path_factory.mktemp("jax")
-    env = {**os.environ, "PYTHON": sys.executable, "BUNDLE_WORK": str(root / "work")}
-    command = [str(out / "run.sh"), "tiny", str(root / "run"), *RUN]
-    killed_at = run_until_killed(command, env, root / "run/state.json", 2)
-    assert 2 <= killed_at < 4, "the run finished before it could be killed"
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert f"after epoch {killed_at}/4" in result.stdout
-    side = subprocess.run([sys.executable, "-c", JAX_SIDE, data_dir, root / "straight", root / "run",
-                           root / "logits.npy", *RUN], env={**os.environ, "KERAS_BACKEND": "jax"}, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    assert side.returncode == 0, side.stderr[-3000:]
+    root, side, go, side_log = jax_reference
+    try:
+        env = {**os.environ, "PYTHON": sys.executable, "BUNDLE_WORK": str(root / "work")}
+        command = [str(out / "run.sh"), "tiny", str(root / "run"), *RUN]
+        killed_at = run_until_killed(command, env, root / "run/state.json", 2)
+        assert 2 <= killed_at < 4, "the run finished before it could be killed"
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        assert f"after epoch {killed_at}/4" in result.stdout
+        go.touch()
+        side.wait(timeout=600)
+    finally:
+        if side.poll() is None:
+            side.kill()
+            side.wait()
+    assert side.returncode == 0, side_log.read_text()[-3000:]
     return root, result
 
 
