@@ -45,7 +45,9 @@ def test_faults_under_load_lose_no_request_and_recover(tmp_path):
     assert all(chaos["services_alive_at_end"].values()), chaos["services_alive_at_end"]
     assert chaos["passed"] and chaos["returncode"] == 0, chaos["problems"]
 
-    soak = run(tmp_path, "soak", seconds=20, timeout_s=300)
+    # 12 s: RSS is sampled every second, so each slope is fitted to the 6 samples of the second
+    # half; at half the measured capacity the load sends far more than the 50 answers asserted.
+    soak = run(tmp_path, "soak", seconds=12, timeout_s=300)
     assert_every_request_answered_as_documented(soak)
     labels = set(soak["processes"])
     assert {"gateway master", "model-server", "redis", "worker-0", "worker-1"} <= labels, labels
