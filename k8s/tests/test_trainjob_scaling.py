@@ -2,6 +2,7 @@
 headless Service) built from the real rendered CronJob pass the Kubernetes 1.32 schemas, the
 client's own model and the policy rules; the pods' index-to-run mapping and TF_CONFIG are the
 ones training/ computes; following an Indexed Job runs against the fake of test_trainjob."""
+import functools
 import io
 import json
 import re
@@ -15,6 +16,7 @@ from k8s.tests import policy
 from k8s.tests.manifests import K8S_VERSION, ROOT, rendered
 from k8s.tests.test_trainjob import COMPLETE, FakeCluster, cronjob, pod
 from k8s.trainjob.__main__ import main as train_main
+from k8s.trainjob import study
 from k8s.trainjob.study import main as study_main
 from training.configs import get_config
 from training.distribute import tf_config_from_job
@@ -121,7 +123,10 @@ class IndexedFake(FakeCluster):
         self.created.append((namespace, service))
 
 
-def test_following_a_study_reports_progress_and_prints_the_last_table():
+def test_following_a_study_reports_progress_and_prints_the_last_table(monkeypatch):
+    # The real follow loop, its sleeps recorded instead of slept (as test_trainjob's run_follow).
+    slept = []
+    monkeypatch.setattr(study, "follow_indexed", functools.partial(trainjob.follow_indexed, sleep=slept.append))
     running = {"active": 2, "completedIndexes": "0"}
     status = {**COMPLETE, "completedIndexes": "0-2"}
     last = pod("p2", "Succeeded", "t3")
@@ -139,6 +144,7 @@ def test_following_a_study_reports_progress_and_prints_the_last_table():
     assert "1/3 runs done, 2 running" in text and "3/3 runs done" in text
     assert text.count("1/3 runs done") == 1  # reported when it changes, not every poll
     assert "| base1 | 3/3 |" in text and "(old)" not in text
+    assert slept == [15.0]  # one poll while running, at the default interval
 
 
 def test_index_sets_of_a_job_status():
