@@ -14,6 +14,7 @@ Every run with --export-base writes a new version.
 import argparse
 import json
 import sys
+import time
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -51,6 +52,18 @@ def ensemble(members):
     return keras.Model(pixels, keras.layers.Average(name="logits")([m(pixels) for m in members]), name="ensemble")
 
 
+def ensemble_card(members, tta, evaluation):
+    """The exported ensemble's model card (GET /model): its members' configurations by name."""
+    from training.card import build_card
+    names = [saved["name"] for _, saved in members]
+    config = {"name": "ensemble", "description": f"the mean logits of {len(names)} runs: {', '.join(names)}",
+              "epochs": max(saved["epochs"] for _, saved in members), "tta": tta}
+    card = build_card(config, evaluation, time.strftime("%Y-%m-%d", time.gmtime()))
+    card["training"]["members"] = [{"config": saved["name"], "epochs": saved["epochs"],
+                                    "precision": saved.get("precision", "float32")} for _, saved in members]
+    return card
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="finished run directories")
@@ -72,7 +85,7 @@ def main(argv=None):
     record = {"tta": args.tta, "accuracy": result["accuracy"],
               "members": [{"run": run, "config": saved} for run, (_, saved) in zip(args.runs, members)]}
     if args.export_base:
-        path = export_savedmodel(model, args.export_base, tta=args.tta)
+        path = export_savedmodel(model, args.export_base, tta=args.tta, card=ensemble_card(members, args.tta, result))
         record["export"] = {"path": str(path), "version": int(path.name)}
         print(f"exported {path}")
     (out / "members.json").write_text(json.dumps(record, indent=2))

@@ -57,6 +57,11 @@ def test_the_exported_ensemble_serves_the_softmax_of_its_members_mean_logits(two
     assert record["members"][0]["config"]["name"] == "tiny"
     assert evaluation["images"] == 10000 and np.sum(evaluation["confusion_matrix"]) == 10000
 
+    from training.card import read_card
+    card = read_card(root / "models/1")  # what GET /model answers for this version
+    assert card["training"]["config"] == "ensemble" and card["evaluation"]["accuracy"] == round(evaluation["accuracy"], 4)
+    assert [m["config"] for m in card["training"]["members"]] == ["tiny", "tiny"] and card["cost_per_image"]["multiply_adds"] > 0
+
     served = predict_exported(root / "models/1", images)
     assert np.allclose(served, tf.nn.softmax((members[0] + members[1]) / 2).numpy(), atol=1e-3)
     for logits in members:  # and not simply one of them
