@@ -118,3 +118,18 @@ def train_until_killed(run_dir, kill_after_epoch, *args):
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     return json.loads(state.read_text())["epoch"]
+
+
+@pytest.fixture(scope="session")
+def bundle(data_dir, tmp_path_factory):
+    """The GPU bundle (make gpu-bundle) for this Python, built once (xz preset 0), and the work
+    folder its run.sh installs the wheels and decodes the images into, shared by the tests that
+    run it (test_backends, test_gpu_session): (bundle folder, its size in bytes, work folder)."""
+    import sys
+    pytest.importorskip("jax")
+    from training.bundle import build
+    root = tmp_path_factory.mktemp("bundle")
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    total, _ = build(root / "gpu-bundle", data_dir, REPO.parent / "shared/data/cifar10/cifar10-jpeg.zip", [version],
+                     preset=0)
+    return root / "gpu-bundle", total, root / "work"

@@ -63,16 +63,6 @@ def jax_reference(request, data_dir, tmp_path_factory):
         side.wait()
 
 
-@pytest.fixture(scope="module")
-def bundle(data_dir, tmp_path_factory):
-    pytest.importorskip("jax")
-    from training.bundle import build
-    out = tmp_path_factory.mktemp("bundle") / "gpu-bundle"
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    total, sizes = build(out, data_dir, REPO.parent / "shared/data/cifar10/cifar10-jpeg.zip", [version], preset=0)
-    return out, total
-
-
 def run_until_killed(command, env, state, epoch):
     """Start `command`; SIGKILL it once `state` records `epoch` epochs; returns that state's epoch."""
     import signal
@@ -90,10 +80,10 @@ def run_until_killed(command, env, state, epoch):
 
 @pytest.fixture(scope="module")
 def jax_run(bundle, jax_reference):
-    out, _ = bundle
+    out, _, work = bundle
     root, side, go, side_log = jax_reference
     try:
-        env = {**os.environ, "PYTHON": sys.executable, "BUNDLE_WORK": str(root / "work")}
+        env = {**os.environ, "PYTHON": sys.executable, "BUNDLE_WORK": str(work)}
         command = [str(out / "run.sh"), "tiny", str(root / "run"), *RUN]
         killed_at = run_until_killed(command, env, root / "run/state.json", 2)
         assert 2 <= killed_at < 4, "the run finished before it could be killed"
@@ -111,20 +101,21 @@ def jax_run(bundle, jax_reference):
 
 
 def test_the_bundle_holds_code_wheels_and_data_under_60_mb(bundle):
-    out, total = bundle
+    out, total, _ = bundle
     manifest = json.loads((out / "MANIFEST.json").read_text())
     assert total < 60e6 and (out / "code/training/train.py").is_file() and (out / "run.sh").is_file()
     assert {w.split("-")[0].lower() for w in manifest["wheels"]} >= {"keras", "optree", "namex"}
     assert manifest["images"] == {"train": 50000, "test": 10000}
 
 
-def test_the_bundle_trains_under_jax_on_pixels_identical_to_the_data_and_resumes_exactly(jax_run):
+def test_the_bundle_trains_under_jax_on_pixels_identical_to_the_data_and_resumes_exactly(jax_run, bundle):
     root, result = jax_run
-    assert (root / "work/cifar10/DIGEST").is_file()  # decoded and checked on the first start
+    work = bundle[2]
+    assert (work / "cifar10/DIGEST").is_file()  # decoded and checked on the first start
     assert "training tiny under jax" in result.stdout and "epoch 4:" in result.stdout
     assert "make export RUN=" in result.stdout
     assert "jit_compile" not in result.stderr  # no fallback: the whole step compiles under JAX too
-    assert (root / "work/site/keras").is_dir()  # the bundle's keras, not this environment's
+    assert (work / "site/keras").is_dir()  # the bundle's keras, not this environment's
     state = json.loads((root / "run/state.json").read_text())
     assert state["backend"] == "jax" and state["epoch"] == 4
     straight = json.loads((root / "straight/state.json").read_text())["history"]

@@ -19,15 +19,12 @@ PLAN = {"TEACHER": "tiny", "STUDENT": "tiny", "PORT": "tiny", "STUDY": "tiny", "
 
 
 @pytest.fixture(scope="module")
-def session(data_dir, tmp_path_factory):
-    pytest.importorskip("jax")
-    from training.bundle import build
+def session(bundle, tmp_path_factory):
+    out, _, work = bundle
     root = tmp_path_factory.mktemp("session")
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    build(root / "bundle", data_dir, REPO.parent / "shared/data/cifar10/cifar10-jpeg.zip", [version], preset=0)
-    env = {**os.environ, **PLAN, "PYTHON": sys.executable, "BUNDLE_WORK": str(root / "work")}
+    env = {**os.environ, **PLAN, "PYTHON": sys.executable, "BUNDLE_WORK": str(work)}
     env.pop("KERAS_BACKEND", None)
-    result = subprocess.run([str(root / "bundle" / "session.sh"), str(root / "runs"), "8", str(root / "pack")],
+    result = subprocess.run([str(out / "session.sh"), str(root / "runs"), "8", str(root / "pack")],
                             env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     back = root / "back"
