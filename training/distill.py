@@ -11,7 +11,7 @@ and cutout of that image (on 2 CPU cores a teacher pass per training step would 
 the student's whole step).
 
     python -m training.distill models/cifar10/1 --data data --out runs/student/teacher-logits.npz
-    python -m training.distill runs/default_gpu --data data --validation-size 5000 --out ...
+    python -m training.distill runs/default_gpu --data data --out runs/student_gpu/teacher-logits.npz
 """
 
 import argparse

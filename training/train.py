@@ -130,7 +130,8 @@ class BiasScaledSGD(keras.optimizers.SGD):
                                       if v.path.endswith("whiten/bias")})
 
     def _learns(self, variable):
-        """1 while `variable` learns, else 0 (a tensor: the step compiles once)."""
+        """For the whitening bias, 1 while it learns and then 0 (a tensor: the step compiles once);
+        None for every other variable."""
         if self._get_variable_index(variable) not in self._whiten_bias_indexes:
             return None
         return ops.cast(self.iterations < self.whiten_bias_steps, variable.dtype)
