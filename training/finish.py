@@ -34,23 +34,29 @@ def saved_config(run_dir):
     return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known})
 
 
-def network_from_run(config, run_dir, train_images, own_statistics=False):
-    """The run's trained network, built in float32 by the current backend; and the file's meta.
-    `own_statistics`: normalize with the statistics the run recorded rather than check that
-    `train_images` have them (a teacher labelling other images than it trained on)."""
+def weights_meta(run_dir):
+    """The meta of a run's weights file (epoch, backend, slice, channel statistics); refuses a run
+    without one."""
     weights = Path(run_dir) / WEIGHTS
     if not weights.is_file():
         raise ValueError(f"{weights}: missing; the run has not finished (train it to the end first)")
     with np.load(weights) as saved:
-        recorded = json.loads(str(saved["meta"]))
-    statistics = (np.array(recorded["mean"]), np.array(recorded["std"])) if own_statistics else None
+        return json.loads(str(saved["meta"]))
+
+
+def network_from_run(config, run_dir, train_images, own_statistics=False):
+    """The run's trained network, built in float32 by the current backend; and the file's meta.
+    `own_statistics`: normalize with the statistics the run recorded rather than check that
+    `train_images` have them (a teacher labelling other images than it trained on)."""
+    meta = weights_meta(run_dir)
+    statistics = (np.array(meta["mean"]), np.array(meta["std"])) if own_statistics else None
     model = build_model(replace(config, precision="float32"), train_images, statistics)
-    meta = load_network_weights(model, weights)
-    mean, std = channel_stats(train_images)
-    if not own_statistics and not (np.allclose(mean, meta["mean"], rtol=1e-6) and
-                                   np.allclose(std, meta["std"], rtol=1e-6)):
-        raise ValueError(f"{run_dir} was trained on other images than these (channel statistics differ); "
-                         "pass the data it was trained on")
+    load_network_weights(model, Path(run_dir) / WEIGHTS)
+    if not own_statistics:
+        mean, std = channel_stats(train_images)
+        if not (np.allclose(mean, meta["mean"], rtol=1e-6) and np.allclose(std, meta["std"], rtol=1e-6)):
+            raise ValueError(f"{run_dir} was trained on other images than these (channel statistics differ); "
+                             "pass the data it was trained on")
     return model, meta
 
 
@@ -85,11 +91,7 @@ def main(argv=None):
     try:
         config = saved_config(run_dir)
         config = replace(config, tta=args.tta or config.tta)
-        weights = run_dir / WEIGHTS
-        if not weights.is_file():
-            raise ValueError(f"{weights}: missing; the run has not finished (train it to the end first)")
-        with np.load(weights) as saved:
-            meta = json.loads(str(saved["meta"]))
+        meta = weights_meta(run_dir)
         if meta["epoch"] < config.epochs:
             raise ValueError(f"{run_dir} is not finished ({meta['epoch']} of {config.epochs} epochs)")
         splits = load_splits(config, args.data, meta.get("train_limit"), meta.get("test_limit"))
