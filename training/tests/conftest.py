@@ -120,6 +120,27 @@ def train_until_killed(run_dir, kill_after_epoch, *args):
     return json.loads(state.read_text())["epoch"]
 
 
+def killed_resumed_and_straight(root, epochs, *args):
+    """The training CLI with `args` for `epochs` epochs twice: in root/resumed, SIGKILLed after 2
+    epochs and resumed; in root/straight, uninterrupted, training alongside (start_training). Both
+    are checked to finish as such; returns their histories (state.json), resumed then straight."""
+    import json
+    straight = start_training(*args, "--run-dir", root / "straight", log_dir=root / "straight-logs")
+    try:
+        killed_at = train_until_killed(root / "resumed", 2, *args)
+        assert 2 <= killed_at < epochs, "the run finished before it could be killed"
+        resumed = run_training(*args, "--run-dir", root / "resumed")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"resuming {root / 'resumed'} after epoch {killed_at}/{epochs}" in resumed.stdout
+    except BaseException:
+        straight.kill()
+        raise
+    straight = straight.finish()
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert "resuming" not in straight.stdout and f"epoch {epochs}:" in straight.stdout
+    return [json.loads((root / run / "state.json").read_text())["history"] for run in ("resumed", "straight")]
+
+
 @pytest.fixture(scope="session")
 def bundle(data_dir, tmp_path_factory):
     """The GPU bundle (make gpu-bundle) for this Python, built once (xz preset 0), and the work

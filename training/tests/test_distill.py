@@ -8,7 +8,7 @@ import pytest
 
 from training.tests.conftest import SMALL_TRAIN
 from training.tests.conftest import TINY_SLICE as SLICE
-from training.tests.conftest import run_training, start_training, train_until_killed
+from training.tests.conftest import killed_resumed_and_straight, run_training, start_training
 
 STUDENT = ["--config", "tiny", "--validation-size", 256, *SLICE]
 
@@ -74,24 +74,8 @@ def test_the_export_serves_the_fitted_temperature(student, small_data_dir):
 
 def test_kill_9_then_resume_ends_where_an_uninterrupted_student_does(small_data_dir, teacher, tmp_path):
     common = [*STUDENT, "--teacher", teacher, "--data", small_data_dir, "--deterministic", "--epochs", 6]
-    # The uninterrupted run trains alongside (its own process and run directory; deterministic ops).
-    straight = start_training(*common, "--run-dir", tmp_path / "straight", log_dir=tmp_path / "straight-logs")
-    try:
-        killed_at = train_until_killed(tmp_path / "resumed", 2, *common)
-        assert 2 <= killed_at < 6, "the run finished before it could be killed"
-        resumed = run_training(*common, "--run-dir", tmp_path / "resumed")
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
-        assert f"after epoch {killed_at}/6" in resumed.stdout
-    except BaseException:
-        straight.kill()
-        raise
-    straight = straight.finish()
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    assert "resuming" not in straight.stdout and "epoch 6:" in straight.stdout
-
-    def history(run):
-        return json.loads((tmp_path / run / "state.json").read_text())["history"]
-    for a, b in zip(history("resumed"), history("straight"), strict=True):
+    resumed, straight = killed_resumed_and_straight(tmp_path, 6, *common)
+    for a, b in zip(resumed, straight, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["val_accuracy"] == b["val_accuracy"]
 
 

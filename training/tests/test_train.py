@@ -7,7 +7,7 @@ import pytest
 
 from training.export import SIGNATURE, existing_versions, predict_exported
 from training.tests.conftest import TINY_SLICE as SLICE
-from training.tests.conftest import run_training, start_training, train_until_killed
+from training.tests.conftest import killed_resumed_and_straight, run_training
 
 # tiny_run (conftest): `tiny`, one epoch on SLICE of small_data_dir, exported; shared by the session.
 
@@ -172,26 +172,10 @@ def test_a_slice_smaller_than_one_batch_is_an_error_not_an_endless_epoch(small_d
 
 def test_kill_9_then_resume_ends_where_an_uninterrupted_run_does(small_data_dir, tmp_path):
     common = ["--config", "tiny", "--epochs", 4, "--deterministic", "--data", small_data_dir, *SLICE]
-    # The uninterrupted run trains alongside (its own process and run directory; deterministic ops).
-    straight = start_training(*common, "--run-dir", tmp_path / "straight", log_dir=tmp_path / "straight-logs")
-    try:
-        killed_at = train_until_killed(tmp_path / "interrupted", 2, *common)
-        assert 2 <= killed_at < 4, "the run finished before it could be killed"
-        resumed = run_training(*common, "--run-dir", tmp_path / "interrupted")
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
-        assert f"resuming {tmp_path / 'interrupted'} after epoch {killed_at}/4" in resumed.stdout
-    except BaseException:
-        straight.kill()
-        raise
-    straight = straight.finish()
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    assert "resuming" not in straight.stdout and "epoch 4:" in straight.stdout
-
-    def history(run):
-        return json.loads((tmp_path / run / "state.json").read_text())["history"]
-    assert [row["epoch"] for row in history("interrupted")] == [1, 2, 3, 4]
-    assert len((tmp_path / "interrupted/metrics.csv").read_text().splitlines()) == 5
-    for a, b in zip(history("interrupted"), history("straight")):
+    resumed, straight = killed_resumed_and_straight(tmp_path, 4, *common)
+    assert [row["epoch"] for row in resumed] == [1, 2, 3, 4]
+    assert len((tmp_path / "resumed/metrics.csv").read_text().splitlines()) == 5
+    for a, b in zip(resumed, straight):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["val_accuracy"] == b["val_accuracy"]
 
 
