@@ -4,7 +4,9 @@ the same test-time augmentation and export contract as a single run.
     python -m training.ensemble runs/default runs/default-40ep --data data --out runs/ensemble
         [--tta flip] [--export-base models/cifar10]
 
-Each member is rebuilt in float32 from its run directory (config.json, last checkpoint). Networks
+Each member is rebuilt in float32 from its run directory as its own export would be (config.json,
+the weights file, the channel statistics it trained on: members may have trained on different
+images, a held-out split or --train-limit's slice). Networks
 trained differently make partly different mistakes, so their average is right more often than
 either, for the sum of their serving costs. <out> gets evaluation/ (the report) and members.json
 (each member's run directory and configuration).
@@ -15,36 +17,25 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import keras
 
-from training.configs import TrainConfig
 from training.data import CifarDataError, dataset_label, ensure_cifar10, load_cifar10
 from training.evaluate import report
 from training.export import TTA, export_savedmodel, predict_keras
-from training.models import build_model, float32_twin
-from training.train import compile_model, load_checkpoint
+from training.finish import finished_meta, network_from_run, saved_config
 
 
 def load_member(run_dir, train_images, index):
     """The finished run in run_dir as a float32 Keras model named member<index>, and the run's
     configuration as saved."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise ValueError(f"{run_dir} is not a run directory (no config.json)")
-    saved = json.loads((run_dir / "config.json").read_text())
-    known = {f.name for f in fields(TrainConfig)}
-    config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known})
-    config = replace(config, name=f"member{index}")  # nested models need distinct names
-    model = build_model(config, train_images)
-    # The checkpoint holds the optimizer's variables too, and a distilled run's the Distiller's.
-    state = load_checkpoint(compile_model(model, config, steps_per_epoch=1), run_dir)
-    if not state or state["epoch"] < config.epochs:
-        done = state["epoch"] if state else 0
-        raise ValueError(f"{run_dir} is not finished ({done} of {config.epochs} epochs)")
-    return float32_twin(model, config, train_images), saved
+    config = saved_config(run_dir)
+    finished_meta(run_dir, config)
+    # nested models need distinct names
+    model, _ = network_from_run(replace(config, name=f"member{index}"), run_dir, train_images, own_statistics=True)
+    return model, json.loads((Path(run_dir) / "config.json").read_text())
 
 
 def ensemble(members):

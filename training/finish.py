@@ -44,6 +44,14 @@ def weights_meta(run_dir):
         return json.loads(str(saved["meta"]))
 
 
+def finished_meta(run_dir, config):
+    """weights_meta of a run that trained all of config's epochs; refuses one that did not."""
+    meta = weights_meta(run_dir)
+    if meta["epoch"] < config.epochs:
+        raise ValueError(f"{run_dir} is not finished ({meta['epoch']} of {config.epochs} epochs)")
+    return meta
+
+
 def network_from_run(config, run_dir, train_images, own_statistics=False):
     """The run's trained network, built in float32 by the current backend; and the file's meta.
     `own_statistics`: normalize with the statistics the run recorded rather than check that
@@ -91,9 +99,7 @@ def main(argv=None):
     try:
         config = saved_config(run_dir)
         config = replace(config, tta=args.tta or config.tta)
-        meta = weights_meta(run_dir)
-        if meta["epoch"] < config.epochs:
-            raise ValueError(f"{run_dir} is not finished ({meta['epoch']} of {config.epochs} epochs)")
+        meta = finished_meta(run_dir, config)
         splits = load_splits(config, args.data, meta.get("train_limit"), meta.get("test_limit"))
         evaluation = finish_run(config, run_dir, splits, dataset_label(args.data), args.export_base)
     except (CifarDataError, ValueError) as exc:

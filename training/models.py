@@ -7,7 +7,6 @@ part of it: training/augment.py applies it inside the compiled training step.
 
 import json
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -121,16 +120,6 @@ def build_model(config, train_images, statistics=None):
         return _build_model(config, train_images, statistics)
     finally:
         keras.mixed_precision.set_global_policy(previous)
-
-
-def float32_twin(model, config, train_images):
-    """The same network and weights computing in float32: what evaluation and export use, so a
-    model trained in bfloat16 serves the same numbers on any CPU."""
-    if config.precision == "float32":
-        return model
-    twin = build_model(replace(config, precision="float32"), train_images)
-    twin.set_weights(model.get_weights())
-    return twin
 
 
 def _build_model(config, train_images, statistics=None):

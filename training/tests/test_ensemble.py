@@ -1,4 +1,5 @@
-"""The ensemble CLI as users run it, on two tiny runs trained on different slices of CIFAR-10."""
+"""The ensemble CLI as users run it, on two tiny runs trained on different slices of CIFAR-10
+(1024 and 512 images), ensembled on the whole of it."""
 
 import json
 import shutil
@@ -31,7 +32,7 @@ def two_runs(tiny_run, small_data_dir, tmp_path_factory):
 
 def test_the_exported_ensemble_serves_the_softmax_of_its_members_mean_logits(two_runs, data_dir):
     import tensorflow as tf
-    from training.data import load_cifar10
+    from training.data import channel_stats, load_cifar10
     from training.ensemble import load_member
     from training.export import averaged_logits
     a, b, root = two_runs
@@ -41,14 +42,19 @@ def test_the_exported_ensemble_serves_the_softmax_of_its_members_mean_logits(two
         train, test = load_cifar10(data_dir)
         images = test.images[:64]
         pixels = tf.constant(images, tf.float32)
-        members = [averaged_logits(load_member(run, train.images, i)[0], pixels, "flip").numpy()
-                   for i, run in enumerate((a, b))]
+        loaded = [load_member(run, train.images, i)[0] for i, run in enumerate((a, b))]
+        members = [averaged_logits(model, pixels, "flip").numpy() for model in loaded]
         cli.wait(timeout=600)
     finally:
         if cli.poll() is None:
             cli.kill()
             cli.wait()
     assert cli.returncode == 0, log.read_text()[-3000:]
+    for model, trained_on in zip(loaded, (1024, 512)):  # each with the statistics of its own images
+        mean, std = channel_stats(train.images[:trained_on])
+        normalization = model.get_layer("normalization")
+        assert np.allclose(np.ravel(normalization.mean), mean, rtol=1e-5)
+        assert np.allclose(np.sqrt(np.ravel(normalization.variance)), std, rtol=1e-5)
     assert existing_versions(root / "models") == [1]
     record = json.loads((root / "out/members.json").read_text())
     evaluation = json.loads((root / "out/evaluation/evaluation.json").read_text())
