@@ -39,6 +39,17 @@ def test_train_statistics_match_the_copy_documented_in_shared(from_directory):
     assert np.allclose(std, [62.53, 61.91, 66.46], atol=0.01)
 
 
+def test_channel_statistics_are_the_mean_and_std_of_every_pixel_value_of_each_channel():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (100, 32, 32, 3), dtype=np.uint8)
+    images[..., 2] //= 4  # channels of different spread
+    mean, std = channel_stats(images)
+    pixels = images.reshape(-1, 3).astype(np.float64)
+    assert np.allclose(mean, pixels.mean(axis=0), rtol=1e-12) and np.allclose(std, pixels.std(axis=0), rtol=1e-12)
+    with pytest.raises(TypeError, match="uint8"):
+        channel_stats(images.astype(np.float32))
+
+
 def test_images_are_rgb_in_channel_last_order(from_directory):
     # Sky in airplane pictures is bluer than it is red: the channels were not scrambled.
     train, _ = from_directory
