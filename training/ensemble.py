@@ -6,9 +6,9 @@ the same test-time augmentation and export contract as a single run.
 
 Each member is rebuilt in float32 from its run directory as its own export would be (config.json,
 the weights file, the channel statistics it trained on: members may have trained on different
-images, a held-out split or --train-limit's slice). Networks
-trained differently make partly different mistakes, so their average is right more often than
-either, for the sum of their serving costs. <out> gets evaluation/ (the report) and members.json
+images, a held-out split or --train-limit's slice). Networks trained differently make partly
+different mistakes, so their average is right more often than either, for the sum of their
+serving costs. <out> gets evaluation/ (the report) and members.json
 (each member's run directory and configuration).
 Every run with --export-base writes a new version.
 """
@@ -33,8 +33,8 @@ def load_member(run_dir, train_images, index):
     configuration as saved."""
     config = saved_config(run_dir)
     finished_meta(run_dir, config)
-    # nested models need distinct names
-    model, _ = network_from_run(replace(config, name=f"member{index}"), run_dir, train_images, own_statistics=True)
+    named = replace(config, name=f"member{index}")  # nested models need distinct names
+    model, _ = network_from_run(named, run_dir, train_images, own_statistics=True)
     return model, json.loads((Path(run_dir) / "config.json").read_text())
 
 
