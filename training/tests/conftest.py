@@ -86,9 +86,14 @@ class Started:
                                            self.stderr_path.read_text())
 
     def kill(self):
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        stop(self.process)
+
+
+def stop(process):
+    """SIGKILL a test's background process if it still runs, and reap it."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()
 
 
 def start_training(*args, log_dir):

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from training.tests.conftest import REPO
+from training.tests.conftest import REPO, stop
 
 RUN = ["--epochs", "4", "--train-limit", "1024", "--test-limit", "256"]
 # Under JAX: an uninterrupted run (this checkout's code), trained while the bundle is built and its
@@ -58,9 +58,7 @@ def jax_reference(request, data_dir, tmp_path_factory):
                                  root / "logits.npy", go, *RUN], env={**os.environ, "KERAS_BACKEND": "jax"},
                                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     yield root, side, go, log
-    if side.poll() is None:
-        side.kill()
-        side.wait()
+    stop(side)
 
 
 def run_until_killed(command, env, state, epoch):
@@ -93,9 +91,7 @@ def jax_run(bundle, jax_reference):
         go.touch()
         side.wait(timeout=600)
     finally:
-        if side.poll() is None:
-            side.kill()
-            side.wait()
+        stop(side)
     assert side.returncode == 0, side_log.read_text()[-3000:]
     return root, result
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from training.export import existing_versions, predict_exported
-from training.tests.conftest import REPO, run_training
+from training.tests.conftest import REPO, run_training, stop
 
 
 def start_ensemble(*args, log):
@@ -46,9 +46,7 @@ def test_the_exported_ensemble_serves_the_softmax_of_its_members_mean_logits(two
         members = [averaged_logits(model, pixels, "flip").numpy() for model in loaded]
         cli.wait(timeout=600)
     finally:
-        if cli.poll() is None:
-            cli.kill()
-            cli.wait()
+        stop(cli)
     assert cli.returncode == 0, log.read_text()[-3000:]
     for model, trained_on in zip(loaded, (1024, 512)):  # each with the statistics of its own images
         mean, std = channel_stats(train.images[:trained_on])

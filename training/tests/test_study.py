@@ -6,7 +6,7 @@ import time
 
 from training.configs import CONFIGS, SEED_STUDY
 from training.study import RESULT, run_study, study_runs
-from training.tests.conftest import REPO
+from training.tests.conftest import REPO, stop
 
 
 def config_rows(table):
@@ -59,9 +59,7 @@ def test_the_whole_seed_study_runs_end_to_end_at_a_small_budget(small_data_dir, 
             assert half.wait(timeout=600) == 0, (tmp_path / f"half{i}.log").read_text()[-3000:]
     finally:
         for half in halves:
-            if half.poll() is None:
-                half.kill()
-                half.wait()
+            stop(half)
     table = run_study(names, tmp_path, epochs=1, data=small_data_dir, train_limit=1024, test_limit=64).read_text()
     assert capsys.readouterr().out.count("finished already") == len(names)
     rows = config_rows(table)
