@@ -5,7 +5,8 @@ the model version, and that the page works by keyboard and at phone width.
 Chromium and its driver come from Debian (`apt-get install chromium chromium-driver`, which
 .ci/run does); nothing downloads a browser: the driver's path is given, so Selenium Manager never
 runs. Screenshots are kept in the pytest temporary directory (the path is printed); the README's
-docs/screenshot.png is one of them."""
+docs/screenshot.png is the first test's steps against `make up`'s stack, which serves the shipped
+version number (the test stack numbers its copy 1)."""
 import shutil
 from pathlib import Path
 
