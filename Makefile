@@ -10,6 +10,7 @@ PRECISION ?=
 RUN_DIR ?= runs/$(CONFIG)
 BACKEND ?= tensorflow
 BUNDLE ?= dist/gpu-bundle
+BUNDLE_DATA ?= dist/gpu-data
 MODEL_BASE_PATH ?= models/cifar10
 
 .DEFAULT_GOAL := help
@@ -38,11 +39,16 @@ $(VENV)/.serving-installed: $(SERVING_REQUIREMENTS)
 	$(VENV)/bin/pip install -q $(addprefix -r ,$(SERVING_REQUIREMENTS))
 	touch $@
 
-data: $(DATA_DIR)/cifar-10-batches-py/batches.meta ## Get CIFAR-10 into data/ (offline copy from ../shared if present, else the official download)
+# A data/ made before the switch to the official pixels is the JPEG-compressed copy, and says so
+# in its DATASET.txt: it is rebuilt.
+data: setup ## Get CIFAR-10 into data/ (the official pixels: the lossless copy in ../shared if present, else the official download)
+	@if grep -qs JPEG $(DATA_DIR)/DATASET.txt; then \
+		echo "$(DATA_DIR)/ holds the JPEG-compressed copy of CIFAR-10: rebuilding it from the official pixels"; \
+		rm -rf $(DATA_DIR)/cifar-10-batches-py $(DATA_DIR)/cifar-10-python.tar.gz $(DATA_DIR)/DATASET.txt; fi
+	@$(MAKE) --no-print-directory $(DATA_DIR)/cifar-10-batches-py/batches.meta
 
 $(DATA_DIR)/cifar-10-batches-py/batches.meta:
-	@if [ -f "$(SHARED_CIFAR)" ]; then $(PY) $(SHARED_CIFAR) $(DATA_DIR) && \
-		echo "CIFAR-10 (JPEG copy)" > $(DATA_DIR)/DATASET.txt; \
+	@if [ -f "$(SHARED_CIFAR)" ]; then $(PY) $(SHARED_CIFAR) $(DATA_DIR); \
 	else $(PY) -m training.data download $(DATA_DIR); fi
 
 train: setup data ## Train one config: make train CONFIG=base3 EPOCHS=5 [PRECISION=mixed_bfloat16] [BACKEND=jax] [EXPORT=1 serves it]; resumes if killed
@@ -66,8 +72,9 @@ export: setup ## Evaluate and export a finished run directory with TensorFlow, w
 	$(if $(RUN),,$(error RUN= is required: make export RUN=runs/<config>))
 	$(PY) -m training.finish $(RUN) --data $(DATA_DIR) --export-base $(MODEL_BASE_PATH)
 
-gpu-bundle: setup data ## One folder (<= 60 MB: code, wheels, CIFAR-10) that trains under JAX on a GPU machine without network [BUNDLE_PYTHON="3.12 3.13"]: ./run.sh CONFIG RUN_DIR there
-	$(PY) -m training.bundle build --out $(BUNDLE) --data $(DATA_DIR) $(if $(BUNDLE_PYTHON),--python $(BUNDLE_PYTHON))
+gpu-bundle: setup data ## A GPU run without network: dist/gpu-bundle (code, wheels) + dist/gpu-data (CIFAR-10 in parts, one per call under the 64 MiB carry limit) [BUNDLE_PYTHON="3.12 3.13"]: ./run.sh CONFIG RUN_DIR there
+	$(PY) -m training.bundle build --out $(BUNDLE) --data-out $(BUNDLE_DATA) --data $(DATA_DIR) \
+		$(if $(BUNDLE_PYTHON),--python $(BUNDLE_PYTHON))
 
 evaluate: setup data ## Evaluation report of an exported model (default: the served, highest version): make evaluate MODEL=models/cifar10/1
 	$(PY) -m training.evaluate --export $(or $(MODEL),$(MODEL_BASE_PATH)/$(shell ls $(MODEL_BASE_PATH) | grep -E '^[0-9]+$$' | sort -n | tail -n 1)) --data $(DATA_DIR)

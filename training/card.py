@@ -8,7 +8,7 @@ it through the running system: each worker fetches it with one Predict call per 
 the version passed the serving contract, and publishes it in Redis; `GET /model` returns it.
 
 The card holds what the version cannot say about itself from its signature: class names, test
-accuracy and ECE from its evaluation report, multiply-adds and parameters per image (counted in
+accuracy and ECE from its evaluation report (and on the JPEG-compressed test images), multiply-adds and parameters per image (counted in
 the export, as `make cost` counts them), the training configuration, its date and the data.
 The version number is not in it: a version is its directory's name, and a copy may be served
 under another number (the tests serve the shipped model as version 1).
@@ -43,10 +43,11 @@ CARD_OUTPUT = "card"
 CARD_FILE = Path("assets.extra") / "model_card.json"
 
 
-def build_card(config: dict, evaluation: dict, trained: str, cost: dict | None = None) -> dict:
+def build_card(config: dict, evaluation: dict, trained: str, cost: dict | None = None, ood=None) -> dict:
     """The card from a run's configuration (config.json / asdict(config)), its test evaluation
     report (evaluation.json) and the date training finished (YYYY-MM-DD). `cost` (multiply_adds,
-    parameters) is measured on the export; export_savedmodel fills it in."""
+    parameters) is measured on the export; export_savedmodel fills it in. `ood`: the version's
+    out-of-distribution head (training.ood.OodHead): its method, cost, threshold and what it flags."""
     card = {
         "classes": list(CLASS_NAMES),
         "description": config["description"],
@@ -68,6 +69,12 @@ def build_card(config: dict, evaluation: dict, trained: str, cost: dict | None =
             "teacher": config.get("teacher"),
         },
     }
+    if "robustness" in evaluation:
+        shifted = evaluation["robustness"]
+        card["evaluation"]["robustness"] = {"dataset": shifted["dataset"], "accuracy": round(shifted["accuracy"], 4),
+                                            "ece": round(shifted["ece"], 4)}
+    if ood is not None:
+        card["out_of_distribution"] = ood.card()
     if cost is not None:
         card["cost_per_image"] = cost
     return card

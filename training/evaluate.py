@@ -1,5 +1,7 @@
 """Evaluation report for a trained model on the test split: accuracy, confusion matrix, the most
-confident mistakes, and calibration (ECE over 15 bins, NLL, reliability diagram).
+confident mistakes, and calibration (ECE over 15 bins, NLL, reliability diagram); and, as a
+robustness check, accuracy and ECE on the same test images after JPEG compression at quality 75
+("CIFAR-10 test, JPEG q75": the shift that users' uploads carry).
 
     python -m training.evaluate --export models/cifar10/1 --data data [--out DIR]
 """
@@ -12,14 +14,23 @@ import numpy as np
 
 from training.calibration import (ECE_BINS, fit_temperature, log_probabilities, reliability, softmax,
                                   summary)
-from training.data import CLASS_NAMES, dataset_label, load_cifar10
+from training.data import CLASS_NAMES, JPEG_TEST, dataset_label, jpeg_compressed, load_cifar10
 from training.export import TTA, predict_exported, predict_keras
 from training.plots import plot_confusion_matrix, plot_misclassified, plot_reliability
 
 
+def robustness(predict, split):
+    """What `predict` (uint8 images -> probabilities) scores on `split` under JPEG q75."""
+    shifted = jpeg_compressed(split)
+    probabilities = predict(shifted.images)
+    return {"dataset": JPEG_TEST, "accuracy": float((probabilities.argmax(axis=1) == split.labels).mean()),
+            "ece": summary(probabilities, split.labels)["ece"]}
+
+
 def report(probabilities, split, out_dir, dataset, before_temperature=None, extra=None):
     """The report of the served `probabilities`, as JSON, markdown and PNGs; with
-    `before_temperature`, the uncalibrated probabilities are compared."""
+    `before_temperature`, the uncalibrated probabilities are compared. `extra` joins the JSON; its
+    "robustness" (see robustness()) is reported too."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     predictions = probabilities.argmax(axis=1)
@@ -48,6 +59,9 @@ def report(probabilities, split, out_dir, dataset, before_temperature=None, extr
         lines.append(f"Before temperature scaling: ECE {before['ece']:.2%}, NLL {before['nll']:.4f}, "
                      f"mean top-1 confidence {before['mean_confidence']:.2%}")
     result.update(extra or {})
+    if "robustness" in result:
+        shifted = result["robustness"]
+        lines.append(f"On {shifted['dataset']}: accuracy {shifted['accuracy']:.2%}, ECE {shifted['ece']:.2%}")
     (out / "evaluation.json").write_text(json.dumps(result, indent=2))
     rows = "\n".join(f"| {name} | {a:.2%} |" for name, a in zip(CLASS_NAMES, per_class))
     (out / "report.md").write_text(
@@ -78,12 +92,16 @@ def calibrate(model, config, validation):
 def write_evaluation(model, config, split, out_dir, dataset="CIFAR-10", validation=None):
     """The test report of what the export will serve. With a validation split, a temperature is
     fitted there first (the test split chooses nothing); returns (report, temperature)."""
-    temperature, extra = 1.0, None
+    temperature, extra = 1.0, {}
     if validation is not None:
         temperature, fitted = calibrate(model, config, validation)
         extra = {"validation": fitted, "temperature": temperature}
-    served = predict_keras(model, split.images, config.tta, temperature=temperature)
+
+    def predict(images):
+        return predict_keras(model, images, config.tta, temperature=temperature)
+    served = predict(split.images)
     before = softmax(log_probabilities(served), 1 / temperature) if validation is not None else None
+    extra["robustness"] = robustness(predict, split)
     return report(served, split, out_dir, dataset, before, extra), temperature
 
 
@@ -95,9 +113,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     _, test = load_cifar10(args.data)
     out = args.out or f"runs/evaluate-{Path(args.export).name}"
-    result = report(predict_exported(args.export, test.images), test, out, dataset_label(args.data))
+
+    def predict(images):
+        return predict_exported(args.export, images)
+    result = report(predict(test.images), test, out, dataset_label(args.data),
+                    extra={"robustness": robustness(predict, test)})
+    shifted = result["robustness"]
     print(f"test accuracy {result['accuracy']:.4f}, ECE {result['ece']:.4f}, NLL {result['nll']:.4f} "
-          f"on {result['dataset']}; report in {out}/report.md")
+          f"on {result['dataset']}; {shifted['accuracy']:.4f}, ECE {shifted['ece']:.4f} on {shifted['dataset']}; "
+          f"report in {out}/report.md")
 
 
 if __name__ == "__main__":

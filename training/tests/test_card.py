@@ -12,8 +12,9 @@ from training.card import (CARD_FILE, CARD_SIGNATURE, add_card, build_card, prov
                            signature_contract)
 
 REPO = Path(__file__).resolve().parents[2]
-EVALUATION = {"dataset": "CIFAR-10 (JPEG copy)", "images": 256, "accuracy": 0.123456, "ece": 0.0456789,
-              "temperature": 0.75}
+EVALUATION = {"dataset": "CIFAR-10", "images": 256, "accuracy": 0.123456, "ece": 0.0456789,
+              "temperature": 0.75,
+              "robustness": {"dataset": "CIFAR-10 test, JPEG q75", "accuracy": 0.111111, "ece": 0.0512345}}
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +40,12 @@ def test_the_export_carries_the_card_as_a_signature_and_a_file_and_serves_the_sa
     assert served["cost_per_image"] == {"multiply_adds": multiply_adds(plain), "parameters": parameters(plain)}
     assert served["cost_per_image"]["multiply_adds"] > 0 and served["cost_per_image"]["parameters"] > 0
     assert served["classes"][6] == "frog" and len(served["classes"]) == 10
-    assert served["evaluation"] == {"dataset": "CIFAR-10 (JPEG copy)", "split": "test", "images": 256,
-                                    "accuracy": 0.1235, "ece": 0.0457}
+    assert served["evaluation"] == {"dataset": "CIFAR-10", "split": "test", "images": 256,
+                                    "accuracy": 0.1235, "ece": 0.0457,
+                                    "robustness": {"dataset": "CIFAR-10 test, JPEG q75", "accuracy": 0.1111,
+                                                   "ece": 0.0512}}
     assert served["training"]["config"] == "tiny" and served["training"]["date"] == "2026-11-27"
-    assert served["training"]["data"] == "CIFAR-10 (JPEG copy)" and served["training"]["temperature"] == 0.75
+    assert served["training"]["data"] == "CIFAR-10" and served["training"]["temperature"] == 0.75
     assert served["training"]["test_time_augmentation"] == config.tta and served["training"]["epochs"] == config.epochs
     # The card changes nothing that is served: same contract, weights and outputs, bit for bit.
     assert signature_contract(carded) == signature_contract(plain)
@@ -70,18 +73,18 @@ def test_a_card_is_added_to_an_old_version_only_if_it_serves_the_same(tiny, tmp_
 
 
 # Figures from training/results: each version's evaluation report, and `make cost` in student/serving.txt.
-@pytest.mark.parametrize("version,record,accuracy,config,cost", [
-    (1, "default/served", 0.931, "default", {"multiply_adds": 2470262976, "parameters": 7412664}),
-    (2, "student/evaluation", 0.8962, "student", {"multiply_adds": 54334624, "parameters": 1124056}),
+@pytest.mark.parametrize("version,record,accuracy,config,data,cost", [
+    (1, "default/served", 0.931, "default", "CIFAR-10 (JPEG copy)", {"multiply_adds": 2470262976, "parameters": 7412664}),
+    (2, "student/evaluation", 0.8962, "student", "CIFAR-10 (JPEG copy)", {"multiply_adds": 54334624, "parameters": 1124056}),
 ])
-def test_the_shipped_versions_carry_their_cards(version, record, accuracy, config, cost):
+def test_the_shipped_versions_carry_their_cards(version, record, accuracy, config, data, cost):
     export = REPO / "models" / "cifar10" / str(version)
     card = read_card(export)
     assert card == json.loads((export / CARD_FILE).read_text())
     evaluation = json.loads((REPO / "training" / "results" / record / "evaluation.json").read_text())
     assert card["evaluation"]["accuracy"] == accuracy == evaluation["accuracy"]
     assert card["evaluation"]["ece"] == round(evaluation["ece"], 4)
-    assert card["training"]["config"] == config and card["training"]["data"] == "CIFAR-10 (JPEG copy)"
+    assert card["training"]["config"] == config and card["training"]["data"] == data
     assert card["cost_per_image"] == cost
     contract = signature_contract(export)
     assert contract["inputs"] == {"images": (4, [-1, 32, 32, 3])}  # uint8

@@ -26,7 +26,8 @@ def test_one_epoch_writes_the_whole_run_directory(tiny_run):
     assert header.split(",")[:3] == ["epoch", "accuracy", "loss"] and row.startswith("1,")
     evaluation = json.loads((run / "evaluation/evaluation.json").read_text())
     assert evaluation["images"] == 256 and np.sum(evaluation["confusion_matrix"]) == 256
-    assert evaluation["dataset"] == "CIFAR-10 (JPEG copy)"
+    assert evaluation["dataset"] == "CIFAR-10"
+    assert evaluation["robustness"]["dataset"] == "CIFAR-10 test, JPEG q75" and 0 <= evaluation["robustness"]["accuracy"] <= 1
 
 
 def test_the_export_reloads_and_agrees_with_the_evaluation(tiny_run, small_data_dir):
@@ -60,7 +61,7 @@ def test_the_export_carries_the_runs_model_card(tiny_run):
     evaluation = json.loads((root / "run/evaluation/evaluation.json").read_text())
     assert card["evaluation"]["accuracy"] == round(evaluation["accuracy"], 4)
     assert card["evaluation"]["ece"] == round(evaluation["ece"], 4) and card["evaluation"]["images"] == 256
-    assert card["training"]["config"] == "tiny" and card["training"]["data"] == "CIFAR-10 (JPEG copy)"
+    assert card["training"]["config"] == "tiny" and card["training"]["data"] == "CIFAR-10"
     state = (root / "run" / "state.json").stat().st_mtime
     assert card["training"]["date"] == time.strftime("%Y-%m-%d", time.gmtime(state))
     assert card["cost_per_image"]["multiply_adds"] > 0 and card["cost_per_image"]["parameters"] > 0
