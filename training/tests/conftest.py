@@ -148,14 +148,13 @@ def killed_resumed_and_straight(root, epochs, *args):
 
 @pytest.fixture(scope="session")
 def bundle(data_dir, tmp_path_factory):
-    """The GPU bundle (make gpu-bundle) for this Python, built once (xz preset 0), and the work
-    folder its run.sh installs the wheels and decodes the images into, shared by the tests that
-    run it (test_backends, test_gpu_session): (bundle folder, its size in bytes, work folder)."""
+    """The GPU bundle (make gpu-bundle) for this Python, built once, its images' parts beside it,
+    and the work folder its run.sh installs the wheels and decodes the images into, shared by the
+    tests that run it (test_backends, test_gpu_session): (bundle folder, manifest, work folder)."""
     import sys
     pytest.importorskip("jax")
     from training.bundle import build
     root = tmp_path_factory.mktemp("bundle")
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    total, _ = build(root / "gpu-bundle", data_dir, REPO.parent / "shared/data/cifar10/cifar10-jpeg.zip", [version],
-                     preset=0)
-    return root / "gpu-bundle", total, root / "work"
+    manifest = build(root / "gpu-bundle", root / "gpu-data", data_dir, [version])
+    return root / "gpu-bundle", manifest, root / "work"

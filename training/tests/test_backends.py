@@ -7,6 +7,7 @@ computes."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -96,12 +97,35 @@ def jax_run(bundle, jax_reference):
     return root, result
 
 
-def test_the_bundle_holds_code_wheels_and_data_under_60_mb(bundle):
-    out, total, _ = bundle
-    manifest = json.loads((out / "MANIFEST.json").read_text())
-    assert total < 60e6 and (out / "code/training/train.py").is_file() and (out / "run.sh").is_file()
-    assert {w.split("-")[0].lower() for w in manifest["wheels"]} >= {"keras", "optree", "namex"}
-    assert manifest["images"] == {"train": 50000, "test": 10000}
+def test_the_bundle_and_its_parts_travel_in_calls_within_the_carry_limit(bundle):
+    from training.bundle import CARRY_LIMIT
+    out, manifest, _ = bundle
+    assert (out / "code/training/train.py").is_file() and (out / "run.sh").is_file()
+    assert {w.split("-")[0].lower() for w in manifest["wheels"]} == {"keras", "optree", "namex"}
+    assert manifest["images"] == {"train": 50000, "test": 10000} and manifest["format"] == "PNG"
+    parts = manifest["parts"]
+    assert [p["bytes"] for p in parts] == [(out.parent / "gpu-data" / p["name"]).stat().st_size for p in parts]
+    # The official pixels do not fit in one call: each call carries its parts beside the working tree.
+    assert len(manifest["calls"]) > 1 and manifest["calls"][-1]["bundle"]
+    assert sum(call["parts"] for call in manifest["calls"]) == len(parts)
+    sizes = iter(p["bytes"] for p in parts)
+    for call in manifest["calls"]:
+        carried = sum(next(sizes) for _ in range(call["parts"])) + (manifest["bundle_bytes"] if call["bundle"] else 0)
+        assert manifest["tree_bytes"] + carried <= CARRY_LIMIT
+
+
+def test_run_sh_names_the_parts_that_have_not_arrived(bundle, tmp_path):
+    out, manifest, _ = bundle
+    data = tmp_path / "gpu-data"
+    shutil.copytree(out.parent / "gpu-data", data)
+    (data / manifest["parts"][1]["name"]).unlink()
+    with open(data / manifest["parts"][0]["name"], "r+b") as damaged:
+        damaged.truncate(1000)
+    env = {**os.environ, "PYTHON": sys.executable, "BUNDLE_WORK": str(tmp_path / "work"), "BUNDLE_DATA": str(data)}
+    result = subprocess.run([str(out / "run.sh"), "unpack"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and not (tmp_path / "work" / "cifar10").exists()
+    assert f"{manifest['parts'][1]['name']} is missing" in result.stderr
+    assert f"{manifest['parts'][0]['name']} is damaged (1000 of" in result.stderr
 
 
 def test_the_bundle_trains_under_jax_on_pixels_identical_to_the_data_and_resumes_exactly(jax_run, bundle):
