@@ -112,6 +112,8 @@ class Result:
     probabilities: tuple[float, ...] = ()
     error_code: str | None = None
     error_message: str | None = None
+    ood_score: float | None = None  # None: the version was exported without the out-of-distribution head
+    in_distribution: bool | None = None
 
     @property
     def ok(self) -> bool:
@@ -124,6 +126,8 @@ class Result:
     def encode(self) -> bytes:
         if self.ok:
             body = {"i": self.index, "v": self.model_version, "l": self.labels, "p": self.probabilities}
+            if self.ood_score is not None:
+                body.update(o=self.ood_score, d=self.in_distribution)
         else:
             body = {"i": self.index, "e": self.error_code, "m": self.error_message}
         return json.dumps(body, separators=(",", ":")).encode()
@@ -134,4 +138,4 @@ class Result:
         if "e" in body:
             return cls.failure(body["i"], body["e"], body["m"])
         return cls(index=body["i"], model_version=body["v"], labels=tuple(body["l"]),
-                   probabilities=tuple(body["p"]))
+                   probabilities=tuple(body["p"]), ood_score=body.get("o"), in_distribution=body.get("d"))

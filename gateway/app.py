@@ -81,8 +81,11 @@ def ranked_predictions(result: Result, top_k: int) -> list[dict]:
 def image_body(result: Result, top_k: int) -> dict:
     if not result.ok:
         return error_body(result.error_code, result.error_message)
-    return {"success": True, "model_version": result.model_version,
-            "predictions": ranked_predictions(result, top_k)}
+    body = {"success": True, "model_version": result.model_version,
+            "predictions": ranked_predictions(result, top_k), "ood_score": result.ood_score}
+    if result.in_distribution is not None:  # versions exported before the out-of-distribution head: no verdict
+        body["in_distribution"] = result.in_distribution
+    return body
 
 
 def read_top_k() -> int:

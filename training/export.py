@@ -3,7 +3,8 @@
 Contract (the worker depends on it): signature `serving_default`, input `images` uint8
 [N, 32, 32, 3] RGB; outputs `probabilities` float32 [N, 10] (softmax) and `classes` string
 [N, 10] (class names in the order of the probabilities; the batch dimension is kept so TF
-Serving's server-side batching can split the outputs). All preprocessing is inside the graph.
+Serving's server-side batching can split the outputs); since the out-of-distribution head
+(training/ood.py), optionally both `ood_score` float32 [N] and `in_distribution` bool [N]. All preprocessing is inside the graph.
 Kernels are stored in float16 and computed in float32 (see Float16Kernels); evaluation goes
 through the same function, so it measures the served numbers. A second signature, `model_card`
 (no input, output `card`: a JSON string), carries the model card (training/card.py).
@@ -23,6 +24,7 @@ import keras
 
 from training.data import CLASS_NAMES
 from training.models import averaged_logits
+from training.ood import with_features
 
 SIGNATURE = "serving_default"
 INPUT = "images"
@@ -63,25 +65,35 @@ class Float16Kernels(tf.Module):
     def __call__(self, pixels, training=False):
         def computed(stored, variables):
             return [tf.cast(s, v.dtype) for s, v in zip(stored, variables)]
-        logits, _ = self.model.stateless_call(computed(self.trainable, self.model.trainable_variables),
-                                              computed(self.non_trainable, self.model.non_trainable_variables),
-                                              pixels, training=training)
-        return logits
+        outputs, _ = self.model.stateless_call(computed(self.trainable, self.model.trainable_variables),
+                                               computed(self.non_trainable, self.model.non_trainable_variables),
+                                               pixels, training=training)
+        return outputs
 
 
-def serving_function(model, tta, temperature=1.0):
+def serving_function(model, tta, temperature=1.0, ood=None):
     """uint8 images -> probabilities (softmax of the TTA-averaged logits / temperature) and
-    class names. The temperature, fitted on held-out images, makes the probabilities calibrated."""
+    class names. The temperature, fitted on held-out images, makes the probabilities calibrated.
+    With an `ood` head (training.ood.OodHead), also each image's `ood_score` (from its features
+    and calibrated logits, one view) and `in_distribution` (the score at most the head's threshold)."""
     if tta not in TTA:
         raise ValueError(f"unknown test-time augmentation {tta!r}; choose from {', '.join(TTA)}")
     classes = tf.constant(CLASS_NAMES)
-    stored = Float16Kernels(model)
+    stored = Float16Kernels(with_features(model))
+
+    def logits_of(pixels, training=False):
+        return stored(pixels, training)[1]
 
     def serve(images):
-        logits = averaged_logits(stored, tf.cast(images, tf.float32), tta) / temperature
+        pixels = tf.cast(images, tf.float32)
+        features, logits = stored(pixels)
+        logits = averaged_logits(logits_of, pixels, tta, first=logits) / temperature
         batch = tf.shape(images)[0]
-        return {"probabilities": tf.nn.softmax(logits),
-                "classes": tf.tile(classes[tf.newaxis], [batch, 1])}
+        outputs = {"probabilities": tf.nn.softmax(logits), "classes": tf.tile(classes[tf.newaxis], [batch, 1])}
+        if ood is not None:
+            score = ood.scorer.score(features, logits, keras.ops)
+            outputs.update(ood_score=score, in_distribution=score <= ood.threshold)
+        return outputs
     return serve
 
 
@@ -105,14 +117,15 @@ def write_version(base_path, write, version=None):
     return final
 
 
-def export_savedmodel(model, base_path, version=None, tta="none", temperature=1.0, card=None):
+def export_savedmodel(model, base_path, version=None, tta="none", temperature=1.0, card=None, ood=None):
     """Write `model` as version `version` (default: the next integer) under base_path. With a
     `card` (training.card.build_card), the version also carries it: a `model_card` signature
-    and assets.extra/model_card.json, with the per-image cost measured on the export."""
+    and assets.extra/model_card.json, with the per-image cost measured on the export. With an
+    `ood` head, it also answers `ood_score` and `in_distribution` (serving_function)."""
     # Not archive.track(model): the endpoint tracks the variables it uses, and tracking the model
     # as well stores every weight twice.
     archive = keras.export.ExportArchive()
-    archive.add_endpoint(SIGNATURE, serving_function(model, tta, temperature),
+    archive.add_endpoint(SIGNATURE, serving_function(model, tta, temperature, ood),
                          input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8, name=INPUT)])
 
     def write(path):

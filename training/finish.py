@@ -68,10 +68,13 @@ def network_from_run(config, run_dir, train_images, own_statistics=False):
     return model, meta
 
 
-def finish_run(config, run_dir, splits, dataset, export_base=None):
+def finish_run(config, run_dir, splits, dataset, export_base=None, ood_val=None):
     """Evaluation report (and, with export_base, a new version, once per TTA choice) of the run's
-    weights file; returns the evaluation."""
+    weights file; returns the evaluation. A run with a validation split exports with the
+    out-of-distribution head (training.ood): fitted on its training images, its threshold on the
+    held-out ones; `ood_val`, a folder of images none of the ten classes, only reports what it flags."""
     from training.evaluate import write_evaluation
+    from training.ood import SHIPPED, fit_head, load_image_folder
     from training.train import STATE, draw_history, export_once
     run_dir = Path(run_dir)
     if not (run_dir / "history.png").is_file() and (run_dir / STATE).is_file():
@@ -80,7 +83,11 @@ def finish_run(config, run_dir, splits, dataset, export_base=None):
     evaluation, temperature = write_evaluation(model, config, splits.test, run_dir / "evaluation", dataset,
                                                splits.validation)
     if export_base:
-        export_once(model, config, run_dir, export_base, temperature, evaluation)
+        ood = None
+        if splits.validation is not None:
+            ood = fit_head(SHIPPED, model, splits.train, splits.validation, temperature,
+                           load_image_folder(ood_val)[0] if ood_val else None)
+        export_once(model, config, run_dir, export_base, temperature, evaluation, ood)
     return evaluation
 
 
@@ -90,6 +97,8 @@ def main(argv=None):
     parser.add_argument("--data", default="data")
     parser.add_argument("--export-base", help="export a new SavedModel version under this path")
     parser.add_argument("--tta", choices=TTA, help="test-time augmentation (default: the configuration's)")
+    parser.add_argument("--ood-val", help="a folder of images of none of the ten classes: the model card says "
+                        "what share the out-of-distribution threshold flags")
     args = parser.parse_args(argv)
     import keras
     if keras.backend.backend() != "tensorflow":
@@ -101,7 +110,7 @@ def main(argv=None):
         config = replace(config, tta=args.tta or config.tta)
         meta = finished_meta(run_dir, config)
         splits = load_splits(config, args.data, meta.get("train_limit"), meta.get("test_limit"))
-        evaluation = finish_run(config, run_dir, splits, dataset_label(args.data), args.export_base)
+        evaluation = finish_run(config, run_dir, splits, dataset_label(args.data), args.export_base, args.ood_val)
     except (CifarDataError, ValueError) as exc:
         sys.exit(f"error: {exc}")
     print(f"{run_dir} (trained under {meta['backend']}): test accuracy {evaluation['accuracy']:.4f} "

@@ -137,17 +137,18 @@ def _build_model(config, train_images, statistics=None):
     return keras.Model(inputs, logits, name=config.name)
 
 
-def averaged_logits(model, pixels, tta):
+def averaged_logits(model, pixels, tta, first=None):
     """airbench's test-time augmentation: average with the mirror image ("flip", 2 passes), and
     also with 1-pixel shifts up-left and down-right ("flip_translate", 6 passes). keras.ops: the
-    export's graph (TensorFlow) and a teacher's pass under JAX compute the same views."""
+    export's graph (TensorFlow) and a teacher's pass under JAX compute the same views. `first`:
+    the logits of `pixels` themselves, where the caller has them already."""
     ops = keras.ops
 
-    def with_mirror(x):
-        logits = model(x, training=False)
+    def with_mirror(x, logits=None):
+        logits = model(x, training=False) if logits is None else logits
         return logits if tta == "none" else (logits + model(ops.flip(x, axis=2), training=False)) / 2
 
-    logits = with_mirror(pixels)
+    logits = with_mirror(pixels, first)
     if tta == "flip_translate":
         padded = ops.pad(pixels, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="reflect")
         logits = (logits + (with_mirror(padded[:, :32, :32]) + with_mirror(padded[:, 2:, 2:])) / 2) / 2

@@ -479,9 +479,10 @@ def trained_date(run_dir):
     return time.strftime("%Y-%m-%d", time.gmtime(finished))
 
 
-def export_once(model, config, run_dir, export_base, temperature=1.0, evaluation=None):
+def export_once(model, config, run_dir, export_base, temperature=1.0, evaluation=None, ood=None):
     """One exported version per run and test-time augmentation: re-running a finished command
-    adds no version; re-running it with another --tta exports that choice as a new version."""
+    adds no version; re-running it with another --tta exports that choice as a new version. `ood`:
+    the out-of-distribution head it folds in (training.ood.OodHead)."""
     record = run_dir / "export.json"
     exports = json.loads(record.read_text()) if record.exists() else {}
     if "path" in exports:  # an older record, without its TTA: taken to be the current choice
@@ -490,9 +491,9 @@ def export_once(model, config, run_dir, export_base, temperature=1.0, evaluation
         print(f"already exported: {exports[config.tta]['path']}")
         return
     from training.card import build_card  # TensorFlow's side, like the export
-    card = build_card(asdict(config), evaluation, trained_date(run_dir)) if evaluation else None
+    card = build_card(asdict(config), evaluation, trained_date(run_dir), ood=ood) if evaluation else None
     from training.export import export_savedmodel
-    path = export_savedmodel(model, export_base, tta=config.tta, temperature=temperature, card=card)
+    path = export_savedmodel(model, export_base, tta=config.tta, temperature=temperature, card=card, ood=ood)
     exports[config.tta] = {"path": str(path), "version": int(path.name)}
     write_atomically(record, json.dumps(exports))
     print(f"exported {path}")

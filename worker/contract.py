@@ -11,7 +11,8 @@ import threading
 import grpc
 
 from worker import metrics
-from worker.tfserving_client import CARD_SIGNATURE, DT_FLOAT, DT_STRING, DT_UINT8, TFServingClient
+from worker.tfserving_client import (CARD_SIGNATURE, DT_BOOL, DT_FLOAT, DT_STRING, DT_UINT8, IN_DISTRIBUTION,
+                                     OOD_SCORE, TFServingClient)
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,9 @@ NUM_CLASSES = 10
 # name -> (dtype, shape; -1 is a free batch dimension)
 INPUTS = {"images": (DT_UINT8, [-1, 32, 32, 3])}
 OUTPUTS = {"probabilities": (DT_FLOAT, [-1, NUM_CLASSES]), "classes": (DT_STRING, [-1, NUM_CLASSES])}
-DTYPE_NAMES = {DT_UINT8: "uint8", DT_FLOAT: "float32", DT_STRING: "string"}
+# Versions exported with the out-of-distribution head answer both of these; older ones neither.
+OOD_OUTPUTS = {OOD_SCORE: (DT_FLOAT, [-1]), IN_DISTRIBUTION: (DT_BOOL, [-1])}
+DTYPE_NAMES = {DT_UINT8: "uint8", DT_FLOAT: "float32", DT_STRING: "string", DT_BOOL: "bool"}
 
 
 def describe(dtype: int, shape: list[int] | None) -> str:
@@ -29,7 +32,10 @@ def describe(dtype: int, shape: list[int] | None) -> str:
 def violations(signature) -> list[str]:
     """What a SignatureDef gets wrong against the contract; empty if it meets it."""
     problems = []
-    for kind, expected, actual in (("input", INPUTS, signature.inputs), ("output", OUTPUTS, signature.outputs)):
+    outputs = dict(OUTPUTS)
+    if set(OOD_OUTPUTS) & set(signature.outputs):  # one without the other is a broken export
+        outputs.update(OOD_OUTPUTS)
+    for kind, expected, actual in (("input", INPUTS, signature.inputs), ("output", outputs, signature.outputs)):
         for name, (dtype, shape) in expected.items():
             if name not in actual:
                 problems.append(f"no {kind} '{name}' (has {', '.join(sorted(actual)) or 'none'})")

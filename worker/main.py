@@ -16,7 +16,7 @@ from worker.contract import ModelVersions, NoServableVersion
 from worker.jobs import Entry, JobStream
 from worker.preprocess import ImageError, preprocess
 from worker.settings import Settings
-from worker.tfserving_client import TFServingClient
+from worker.tfserving_client import Prediction, TFServingClient
 
 log = logging.getLogger("worker")
 
@@ -48,6 +48,13 @@ def preprocess_jobs(entries: list[Entry], max_pixels: int,
     return ready, answered
 
 
+def ood_fields(prediction: Prediction, row: int) -> dict:
+    if prediction.ood_scores is None:
+        return {}
+    return {"ood_score": round(float(prediction.ood_scores[row]), 4),
+            "in_distribution": bool(prediction.in_distribution[row])}
+
+
 def predict_jobs(ready: list[tuple[bytes, Job, np.ndarray]], versions: ModelVersions) -> list[Answered]:
     """One Predict call for the whole batch. If the model server refuses it, every job gets that
     error; if its answer cannot be read, the batch is retried job by job, so only the jobs that fail
@@ -56,12 +63,18 @@ def predict_jobs(ready: list[tuple[bytes, Job, np.ndarray]], versions: ModelVers
     started = time.perf_counter()
     try:
         prediction = versions.predict(np.stack([pixels for _, _, pixels in ready]))
-        return [
+        answered = [
             (entry_id, job, Result(index=job.index, model_version=prediction.model_version,
                                    labels=tuple(prediction.labels[row]),
-                                   probabilities=tuple(round(float(p), 6) for p in prediction.probabilities[row])))
+                                   probabilities=tuple(round(float(p), 6) for p in prediction.probabilities[row]),
+                                   **ood_fields(prediction, row)))
             for row, (entry_id, job, _) in enumerate(ready)
         ]
+        if prediction.ood_scores is not None:
+            for score in prediction.ood_scores:
+                metrics.OOD_SCORE.observe(float(score))
+            metrics.OUT_OF_DISTRIBUTION.inc(int((~prediction.in_distribution).sum()))
+        return answered
     except grpc.RpcError as exc:
         metrics.GRPC_ERRORS.labels(exc.code().name).inc()
         log.error("Predict failed: %s %s", exc.code().name, exc.details())

@@ -18,6 +18,10 @@ DEAD_LETTERED_JOBS = Counter("worker_jobs_dead_lettered_total",
                              "Jobs set aside after they were delivered MAX_DELIVERIES times without an answer")
 SERVED_VERSION = Gauge("worker_model_version", "Model version this worker sends Predict calls to (0: none)")
 REJECTED_VERSIONS = Gauge("worker_model_versions_rejected", "Loaded model versions whose signature breaks the contract")
+OOD_SCORE = Histogram("worker_ood_score", "Out-of-distribution score of each image answered (versions with the head)",
+                      buckets=(0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 6, 10))
+OUT_OF_DISTRIBUTION = Counter("worker_images_out_of_distribution_total",
+                              "Images answered with in_distribution false: none of the ten classes, by the version's threshold")
 GRPC_ERRORS = Counter("worker_grpc_errors_total", "Failed model server calls, by gRPC status", ["code"])
 
 

@@ -22,9 +22,11 @@ floats = st.floats(allow_nan=False)  # NaN != NaN, so no value survives a round 
 public_ids = st.just("") | st.from_regex(r"\A[A-Za-z0-9_-]{1,64}\Z") | utf8_text
 jobs = st.builds(Job, request_id=utf8_text, index=ints, deadline_ms=ints, image=st.binary(max_size=300),
                  public_id=public_ids)
-ok_results = st.builds(Result, index=ints, model_version=st.none() | ints,
-                       labels=st.lists(any_text, max_size=10).map(tuple),
-                       probabilities=st.lists(floats, max_size=10).map(tuple))
+# A version with the out-of-distribution head answers a score and a verdict; an older one neither.
+ood_fields = st.just({}) | st.fixed_dictionaries({"ood_score": floats, "in_distribution": st.booleans()})
+ok_results = ood_fields.flatmap(lambda ood: st.builds(
+    Result, index=ints, model_version=st.none() | ints, labels=st.lists(any_text, max_size=10).map(tuple),
+    probabilities=st.lists(floats, max_size=10).map(tuple), **{k: st.just(v) for k, v in ood.items()}))
 failed_results = st.builds(Result.failure, index=ints,
                            code=st.sampled_from([protocol.INVALID_IMAGE, protocol.IMAGE_TOO_LARGE,
                                                  protocol.MODEL_UNAVAILABLE, protocol.INFERENCE_FAILED]) | any_text,

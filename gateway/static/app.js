@@ -57,6 +57,12 @@ function showPredictions(item, answer) {
   label.className = "top-label";
   label.textContent = top.label;
   outcome.append(label, ` (${percent(top.probability)}, model version ${answer.model_version})`);
+  if (answer.in_distribution === false) {  // the version's own out-of-distribution threshold
+    const warning = document.createElement("p");
+    warning.className = "out-of-distribution";
+    warning.textContent = "This does not look like any of the ten classes";
+    outcome.before(warning);
+  }
   list.setAttribute("aria-label", `Top ${answer.predictions.length} classes for ${item.querySelector(".filename").textContent}`);
   for (const { label: name, probability } of answer.predictions) {
     const row = document.createElement("li");
