@@ -12,6 +12,7 @@ BACKEND ?= tensorflow
 BUNDLE ?= dist/gpu-bundle
 BUNDLE_DATA ?= dist/gpu-data
 MODEL_BASE_PATH ?= models/cifar10
+PROTOS := worker/protos/tfserving_apis_pb2.py
 
 .DEFAULT_GOAL := help
 .PHONY: help setup data train configs study bench-train evaluate cost test export gpu-bundle
@@ -19,10 +20,10 @@ MODEL_BASE_PATH ?= models/cifar10
 help: ## List every target with one line each
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-setup: $(VENV)/.installed ## Create .venv with every service's pinned requirements and the test tools
+setup: $(VENV)/.installed $(PROTOS) ## Create .venv with every service's pinned requirements and the test tools
 
 $(VENV)/.installed: requirements-dev.txt training/requirements.txt training/requirements-jax.txt gateway/requirements.txt worker/requirements.txt \
-		tfserving/requirements.txt k8s/trainjob/requirements.txt
+		worker/requirements-build.txt tfserving/requirements.txt k8s/trainjob/requirements.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -r requirements-dev.txt
@@ -30,7 +31,7 @@ $(VENV)/.installed: requirements-dev.txt training/requirements.txt training/requ
 
 # What `make up` needs, and no more: the gateway and the worker, plus the model server stand-in
 # (TensorFlow) only where tensorflow_model_server is not on PATH.
-SERVING_REQUIREMENTS := gateway/requirements.txt worker/requirements.txt \
+SERVING_REQUIREMENTS := gateway/requirements.txt worker/requirements.txt worker/requirements-build.txt \
 	$(if $(shell command -v tensorflow_model_server),,tfserving/requirements.txt)
 
 $(VENV)/.serving-installed: $(SERVING_REQUIREMENTS)
@@ -41,6 +42,10 @@ $(VENV)/.serving-installed: $(SERVING_REQUIREMENTS)
 
 # A data/ made before the switch to the official pixels is the JPEG-compressed copy, and says so
 # in its DATASET.txt: it is rebuilt.
+# The worker's TF Serving messages, compiled from their .proto (worker/serving_apis.py).
+$(PROTOS): worker/protos/tfserving_apis.proto | $(VENV)/.serving-installed
+	$(PY) -m grpc_tools.protoc -I . --python_out=. $<
+
 data: setup ## Get CIFAR-10 into data/ (the official pixels: the lossless copy in ../shared if present, else the official download)
 	@if grep -qs JPEG $(DATA_DIR)/DATASET.txt; then \
 		echo "$(DATA_DIR)/ holds the JPEG-compressed copy of CIFAR-10: rebuilding it from the official pixels"; \
@@ -89,7 +94,7 @@ test: setup data ## Run the whole test suite (real redis-server, gunicorn, gRPC,
 WORKERS ?= 2
 .PHONY: up down bench-serve chaos soak
 
-up: $(VENV)/.serving-installed ## Install what serving needs (venv; redis-server via apt), start redis, model server, workers (WORKERS=2), gateway on :5000
+up: $(VENV)/.serving-installed $(PROTOS) ## Install what serving needs (venv; redis-server via apt), start redis, model server, workers (WORKERS=2), gateway on :5000
 	@scripts/need_redis.sh
 	$(PY) -m scripts.stack up --workers $(WORKERS) --model-base-path $(MODEL_BASE_PATH)
 
@@ -105,12 +110,11 @@ chaos: setup ## Own stack under load while a worker, Redis, the model server and
 soak: setup ## Own stack at half its capacity for SECONDS (600): RSS of every process, Redis memory, slopes, plot in runs/soak
 	$(PY) -m scripts.chaos soak $(if $(SECONDS),--seconds $(SECONDS)) $(if $(RATE),--rate $(RATE))
 
-# ---- Deployment: docker compose and Kubernetes (k8s/), validated offline ----
+# ---- Deployment: docker compose (built and run here) and Kubernetes (k8s/, validated offline) ----
 K8S_VERSION ?= 1.32.0
 K8S_NAMESPACE ?= cifar10
-COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 K8S_SECRET ?= k8s/overlays/production/redis-password.env
-.PHONY: validate k8s-secret compose-up compose-down train-k8s study-k8s
+.PHONY: validate k8s-secret base-image images compose-up compose-down train-k8s study-k8s
 # The default overlay rendered from a temporary copy of k8s/ with a throwaway Redis password (the
 # trainer template does not depend on it): what `make train-k8s` and `make study-k8s` print
 # instead of creating where there is no kubectl context, or with DRY_RUN=1.
@@ -126,6 +130,7 @@ CREATE_OR_RENDER = if [ -z "$(DRY_RUN)" ] && kubectl config current-context >/de
 # from a temporary copy of k8s/ that has a throwaway one (never the real file).
 validate: setup ## Check deployment offline: compose config, kustomize renders, strict k8s schemas, policy tests
 	docker-compose -f docker-compose.yml config -q && echo "docker-compose.yml: valid"
+	docker-compose -f docker-compose.yml -f compose/offline.yml config -q && echo "docker-compose.yml + compose/offline.yml: valid"
 	@set -eo pipefail; tree=$$(mktemp -d); trap 'rm -rf "$$tree"' EXIT; \
 	$(PY) -c 'import sys; from k8s.tests.manifests import copy_tree; copy_tree(sys.argv[1])' "$$tree"; \
 	for dir in k8s k8s/base $(wildcard k8s/overlays/*); do \
@@ -145,11 +150,21 @@ k8s-secret: ## Create the production Redis password: k8s/overlays/production/red
 		(umask 077; printf 'REDIS_PASSWORD=%s\n' "$$password" > "$(K8S_SECRET)"); \
 		echo "wrote $(K8S_SECRET): kubectl apply -k k8s/ now deploys with this password"; fi
 
-compose-up: ## Build the images and start the stack in Docker, gateway on :5000 (compose v2 or Debian's v1)
-	$(COMPOSE) up --build --detach
+base-image: ## Build the local Python 3.11 bookworm base (debootstrap + docker import) for machines that cannot pull python:3.11-slim-bookworm
+	compose/base-image.sh
+
+images: ## Build every image with BuildKit (gateway, worker, trainer; model server stand-in and Redis where the official images cannot be pulled)
+	compose/images.sh
+
+GATEWAY_HOST_PORT ?= 5000
+compose-up: images ## Start the stack in Docker (compose v2 or Debian's v1; compose/offline.yml where the official images are missing); waits for /readyz?deep=1
+	GATEWAY_HOST_PORT=$(GATEWAY_HOST_PORT) compose/compose.sh up --detach
+	@started=$$SECONDS; until curl -sf "http://127.0.0.1:$(GATEWAY_HOST_PORT)/readyz?deep=1" >/dev/null; do \
+		if [ $$((SECONDS - started)) -gt 300 ]; then echo "not ready after 300 s: compose/compose.sh logs" >&2; exit 1; fi; \
+		sleep 1; done; echo "ready in $$((SECONDS - started)) s after up: http://127.0.0.1:$(GATEWAY_HOST_PORT)/"
 
 compose-down: ## Stop the Docker stack (volumes, hence trained models, are kept)
-	$(COMPOSE) down
+	compose/compose.sh down
 
 train-k8s: setup ## Train a new model version in the cluster: make train-k8s CONFIG=default EPOCHS=5 [PRECISION=] [BACKEND=jax] [GPUS=8 per pod] [NODES=2 pods] [SCALE_BATCH=1]; no kubectl context or DRY_RUN=1: prints it
 	@set -eo pipefail; $(call CREATE_OR_RENDER,k8s.trainjob,--config $(CONFIG) $(if $(EPOCHS),--epochs $(EPOCHS)) \

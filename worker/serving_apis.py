@@ -1,28 +1,24 @@
-"""TF Serving's generated proto and gRPC modules, loaded without starting TensorFlow.
+"""TF Serving's gRPC API as the worker speaks it, without TensorFlow or tensorflow-serving-api.
 
-tensorflow-serving-api's modules import their shared protos from `tensorflow.core...`, and a
-plain import of that runs tensorflow/__init__.py: 3.4 s and ~650 MB of resident memory per worker
-for nothing the worker uses. The proto modules themselves are plain generated code, so while they
-load, a bare package stands in for `tensorflow` (same directory, __init__ not run): 0.1 s, ~30 MB.
-The stand-in is removed again, so a later `import tensorflow` in the same process loads the real one.
+The messages are compiled from worker/protos/tfserving_apis.proto (TF Serving's, reduced to the
+fields the worker uses) by grpcio-tools: `make setup` here, a throw-away stage in the worker's
+image. The RPCs are called by TF Serving's own method paths, which is all the wire names.
 """
-import importlib.util
-import sys
-import types
+import grpc
 
-
-def bare_tensorflow_package() -> types.ModuleType:
-    package = types.ModuleType("tensorflow")
-    package.__path__ = list(importlib.util.find_spec("tensorflow").submodule_search_locations)
-    return package
-
-
-_bare = None if "tensorflow" in sys.modules else bare_tensorflow_package()
-if _bare is not None:
-    sys.modules["tensorflow"] = _bare
 try:
-    from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2,  # noqa: F401
-                                         model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc)
-finally:
-    if _bare is not None:
-        del sys.modules["tensorflow"]
+    from worker.protos import tfserving_apis_pb2 as apis
+except ImportError as exc:  # a checkout where the messages were not compiled yet
+    raise ImportError(f"{exc}: compile worker/protos/tfserving_apis.proto first (make setup, or: python -m "
+                      "grpc_tools.protoc -I . --python_out=. worker/protos/tfserving_apis.proto)") from None
+
+PREDICT = "/tensorflow.serving.PredictionService/Predict"
+GET_MODEL_METADATA = "/tensorflow.serving.PredictionService/GetModelMetadata"
+GET_MODEL_STATUS = "/tensorflow.serving.ModelService/GetModelStatus"
+SIGNATURE_DEF_MAP = "type.googleapis.com/tensorflow.serving.SignatureDefMap"
+
+
+def rpc(channel: grpc.Channel, path: str, request_type, response_type):
+    """A unary call of `path` on `channel`, taking a `request_type` and answering a `response_type`."""
+    return channel.unary_unary(path, request_serializer=request_type.SerializeToString,
+                               response_deserializer=response_type.FromString)

@@ -5,16 +5,17 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
-# TensorFlow itself is never started: tensors are built and read as raw bytes.
-from worker.serving_apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc, predict_pb2,
-                                 prediction_service_pb2_grpc)
+# Tensors are built and read as raw bytes: no TensorFlow in this process.
+from worker.serving_apis import GET_MODEL_METADATA, GET_MODEL_STATUS, PREDICT, SIGNATURE_DEF_MAP, apis, rpc
 
 log = logging.getLogger(__name__)
 
 DT_UINT8 = 4  # tensorflow.DataType enum values
 DT_FLOAT = 1
 DT_STRING = 7
+DT_BOOL = 10
 INPUT_NAME = "images"  # the SavedModel contract: images uint8 [N,32,32,3] -> probabilities, classes
+OOD_SCORE, IN_DISTRIBUTION = "ood_score", "in_distribution"  # [N] each, in versions exported with them
 CARD_SIGNATURE, CARD_OUTPUT = "model_card", "card"  # no input -> the model card, a JSON string scalar
 CHANNEL_OPTIONS = [
     # Reconnect within a second once the model server is back, instead of gRPC's default of up to 2 minutes.
@@ -31,6 +32,8 @@ class Prediction:
     model_version: int
     labels: list[list[str]]  # per image, in the order of its probabilities
     probabilities: np.ndarray  # float32 [N, num_classes]
+    ood_scores: np.ndarray | None = None  # float32 [N], higher: less like the training images
+    in_distribution: np.ndarray | None = None  # bool [N], the score at most the version's threshold
 
 
 def uint8_tensor(images: np.ndarray, request_tensor) -> None:
@@ -48,6 +51,13 @@ def float_array(tensor) -> np.ndarray:
     return values.reshape(shape)
 
 
+def bool_array(tensor) -> np.ndarray:
+    shape = [d.size for d in tensor.tensor_shape.dim]
+    values = np.frombuffer(tensor.tensor_content, dtype=np.bool_) if tensor.tensor_content \
+        else np.asarray(tensor.bool_val, dtype=np.bool_)
+    return values.reshape(shape)
+
+
 def string_rows(tensor, rows: int) -> list[list[str]]:
     values = [v.decode() for v in tensor.string_val]
     width = len(values) // rows
@@ -61,46 +71,53 @@ class TFServingClient:
         self.retries = retries
         self.backoff_s = backoff_s
         self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self.predictions = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
-        self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
+        self.predict_rpc = rpc(self.channel, PREDICT, apis.PredictRequest, apis.PredictResponse)
+        self.metadata_rpc = rpc(self.channel, GET_MODEL_METADATA, apis.GetModelMetadataRequest,
+                                apis.GetModelMetadataResponse)
+        self.status_rpc = rpc(self.channel, GET_MODEL_STATUS, apis.GetModelStatusRequest, apis.GetModelStatusResponse)
 
     def predict(self, images: np.ndarray, version: int | None = None) -> Prediction:
         """Class probabilities for a uint8 [N, 32, 32, 3] batch, from `version` (default: the latest)."""
-        request = predict_pb2.PredictRequest()
+        request = apis.PredictRequest()
         request.model_spec.name = self.model_name
         request.model_spec.signature_name = "serving_default"
         if version is not None:
             request.model_spec.version.value = version
         uint8_tensor(images, request.inputs[INPUT_NAME])
-        response = self.call(self.predictions.Predict, request)
+        response = self.call(self.predict_rpc, request)
+        outputs = response.outputs
+        with_ood = OOD_SCORE in outputs and IN_DISTRIBUTION in outputs
         return Prediction(
             model_version=response.model_spec.version.value,
-            labels=string_rows(response.outputs["classes"], len(images)),
-            probabilities=float_array(response.outputs["probabilities"]),
+            labels=string_rows(outputs["classes"], len(images)),
+            probabilities=float_array(outputs["probabilities"]),
+            ood_scores=float_array(outputs[OOD_SCORE]) if with_ood else None,
+            in_distribution=bool_array(outputs[IN_DISTRIBUTION]) if with_ood else None,
         )
 
     def available_versions(self) -> list[int]:
         """Versions of the model in state AVAILABLE (empty if none is loaded)."""
-        request = get_model_status_pb2.GetModelStatusRequest()
+        request = apis.GetModelStatusRequest()
         request.model_spec.name = self.model_name
         try:
-            response = self.call(self.models.GetModelStatus, request, retries=0)
+            response = self.call(self.status_rpc, request, retries=0)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return []
             raise
         return sorted(s.version for s in response.model_version_status
-                      if s.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE)
+                      if s.state == apis.ModelVersionStatus.AVAILABLE)
 
     def signatures(self, version: int) -> dict:
         """The version's SignatureDefs by name (GetModelMetadata)."""
-        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        request = apis.GetModelMetadataRequest(metadata_field=["signature_def"])
         request.model_spec.name = self.model_name
         request.model_spec.version.value = version
-        response = self.call(self.predictions.GetModelMetadata, request, retries=0)
-        signatures = get_model_metadata_pb2.SignatureDefMap()
-        response.metadata["signature_def"].Unpack(signatures)
-        return dict(signatures.signature_def)
+        response = self.call(self.metadata_rpc, request, retries=0)
+        packed = response.metadata["signature_def"]
+        if packed.type_url != SIGNATURE_DEF_MAP:
+            raise ValueError(f"GetModelMetadata answered {packed.type_url or 'nothing'} for signature_def")
+        return dict(apis.SignatureDefMap.FromString(packed.value).signature_def)
 
     def signature(self, version: int):
         """The version's `serving_default` SignatureDef, None if it has none."""
@@ -109,11 +126,11 @@ class TFServingClient:
     def model_card(self, version: int) -> str:
         """The version's model card, a JSON text: Predict on its `model_card` signature, which
         takes no input (training/card.py writes it)."""
-        request = predict_pb2.PredictRequest()
+        request = apis.PredictRequest()
         request.model_spec.name = self.model_name
         request.model_spec.signature_name = CARD_SIGNATURE
         request.model_spec.version.value = version
-        response = self.call(self.predictions.Predict, request, retries=0)
+        response = self.call(self.predict_rpc, request, retries=0)
         if CARD_OUTPUT not in response.outputs or len(response.outputs[CARD_OUTPUT].string_val) != 1:
             raise ValueError(f"the {CARD_SIGNATURE} signature did not answer one string '{CARD_OUTPUT}'")
         return response.outputs[CARD_OUTPUT].string_val[0].decode()

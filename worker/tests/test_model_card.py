@@ -7,14 +7,14 @@ import pytest
 
 from worker.contract import ModelVersions
 from worker.main import served_card
-from worker.serving_apis import get_model_metadata_pb2
+from worker.serving_apis import apis
 from worker.tfserving_client import DT_FLOAT, DT_STRING, DT_UINT8
 
 CARD = {"classes": ["airplane"], "training": {"config": "student"}}
 
 
 def signature_map(with_card: bool) -> dict:
-    signatures = get_model_metadata_pb2.SignatureDefMap()
+    signatures = apis.SignatureDefMap()
     serving = signatures.signature_def["serving_default"]
     for tensors, name, dtype, shape in ((serving.inputs, "images", DT_UINT8, [-1, 32, 32, 3]),
                                         (serving.outputs, "probabilities", DT_FLOAT, [-1, 10]),
