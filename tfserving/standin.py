@@ -4,19 +4,23 @@ Implements the part of TF Serving's gRPC API the worker uses, with TF Serving's 
 codes: PredictionService/Predict and GetModelMetadata, ModelService/GetModelStatus, model name,
 version and signature selection in ModelSpec, NOT_FOUND for unknown models or versions, and the
 default version policy (serve the highest version under --model_base_path, picking up new version
-directories, and falling back when one is removed, without a restart). It is not a production
-server: no REST API, no model config files, no server-side batching (the worker batches).
+directories, and falling back when one is removed, without a restart). Of the REST API, only the
+model status (GET /v1/models/<name>, what health checks ask) on --rest_api_port. It is not a
+production server: no REST predictions, no model config files, no server-side batching (the
+worker batches).
 
     python -m tfserving.standin --port=8500 --rest_api_port=0 --model_name=cifar10 \
         --model_base_path=/abs/path/models/cifar10
 """
 import argparse
+import json
 import logging
 import signal
 import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
@@ -116,6 +120,14 @@ class Model:
             if new is not None:
                 self.retired.discard(new.version)
 
+    def version_states(self) -> dict[int, int]:
+        """Every version served so far: AVAILABLE (the current one) or END."""
+        with self.lock:
+            states = {v: get_model_status_pb2.ModelVersionStatus.END for v in self.retired}
+            if self.current is not None:
+                states[self.current.version] = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+        return states
+
     def resolve(self, model_spec) -> LoadedVersion:
         """The loaded version a ModelSpec asks for, or TF Serving's error for it."""
         if model_spec.name != self.name:
@@ -206,10 +218,7 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
             spec = request.model_spec
             if spec.name != self.model.name:
                 raise ServingError(grpc.StatusCode.NOT_FOUND, f"Could not find any versions of model {spec.name}")
-            with self.model.lock:
-                states = {v: get_model_status_pb2.ModelVersionStatus.END for v in self.model.retired}
-                if self.model.current is not None:
-                    states[self.model.current.version] = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+            states = self.model.version_states()
             if spec.HasField("version"):
                 if spec.version.value not in states:
                     raise ServingError(grpc.StatusCode.NOT_FOUND,
@@ -222,6 +231,37 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
                 status = response.model_version_status.add(version=version, state=states[version])
                 status.status.error_code = error_codes_pb2.OK
             return response
+
+
+def serve_model_status(model: Model, port: int) -> ThreadingHTTPServer:
+    """TF Serving's REST model status, GET /v1/models/<name>, in its JSON form."""
+    state_names = get_model_status_pb2.ModelVersionStatus.State.Name
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.rstrip("/") != f"/v1/models/{model.name}":
+                return self.reply(404, {"error": f"Could not find any versions of model {self.path.split('/')[-1]}"})
+            states = model.version_states()
+            if not states:
+                return self.reply(404, {"error": f"Could not find any versions of model {model.name}"})
+            self.reply(200, {"model_version_status": [
+                {"version": str(v), "state": state_names(states[v]), "status": {"error_code": "OK", "error_message": ""}}
+                for v in sorted(states, reverse=True)]})
+
+        def reply(self, status, body):
+            data = json.dumps(body, indent=1).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):  # health checks every few seconds would flood the log
+            pass
+
+    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    threading.Thread(target=server.serve_forever, name="rest", daemon=True).start()
+    return server
 
 
 def fill_model_spec(spec, name: str, version: int, signature_name: str | None = None) -> None:
@@ -270,8 +310,6 @@ def parse_flags(argv=None) -> argparse.Namespace:
     flags, ignored = parser.parse_known_args(argv)
     if ignored:
         log.warning("stand-in ignores these tensorflow_model_server flags: %s", " ".join(ignored))
-    if flags.rest_api_port:
-        log.warning("stand-in serves gRPC only; --rest_api_port=%d ignored", flags.rest_api_port)
     if flags.enable_batching:
         log.warning("stand-in does no server-side batching (the worker batches); --enable_batching ignored")
     return flags
@@ -293,7 +331,9 @@ def serve(flags: argparse.Namespace) -> None:
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(model), server)
     server.add_insecure_port(f"0.0.0.0:{flags.port}")
     server.start()
-    log.info("stand-in model server on gRPC port %d, model %s from %s", flags.port, model.name, model.base_path)
+    rest = serve_model_status(model, flags.rest_api_port) if flags.rest_api_port else None
+    log.info("stand-in model server on gRPC port %d%s, model %s from %s", flags.port,
+             f" (REST model status on {flags.rest_api_port})" if rest else "", model.name, model.base_path)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -301,6 +341,8 @@ def serve(flags: argparse.Namespace) -> None:
                                daemon=True)
     watcher.start()
     stop.wait()
+    if rest:
+        rest.shutdown()
     server.stop(grace=2).wait()
 
 

@@ -1,5 +1,6 @@
-"""The three Dockerfiles, parsed with BuildKit's own parser (the `dockerfile` package): pinned
-bases and packages, multi-stage, non-root, the run contract, health checks, build context."""
+"""The Dockerfiles, parsed with BuildKit's own parser (the `dockerfile` package): pinned bases and
+packages, multi-stage, non-root, the run contract, health checks, pip's CA and cache kept out of
+every layer, build context."""
 import re
 from pathlib import Path
 
@@ -9,13 +10,14 @@ import pytest
 from k8s.tests.manifests import ROOT, STACK_ENV, read_env_file
 
 STACK = read_env_file(STACK_ENV)
-SERVICES = ("training", "gateway", "worker")
+SERVICES = ("training", "gateway", "worker", "tfserving")
 KNOWN = {"FROM", "ARG", "ENV", "RUN", "COPY", "WORKDIR", "USER", "EXPOSE", "HEALTHCHECK", "CMD",
          "ENTRYPOINT", "LABEL"}
 CONTRACT = {
     "training": {"ENTRYPOINT": ("python", "-m", "training.train")},
     "gateway": {"CMD": ("gunicorn", "-c", "gateway/gunicorn.conf.py", "gateway.app:create_app()")},
     "worker": {"CMD": ("python", "-m", "worker")},
+    "tfserving": {"ENTRYPOINT": ("python", "-m", "tfserving.standin")},
 }
 
 
@@ -58,13 +60,21 @@ def test_multi_stage_from_the_pinned_base(service):
     assert froms[0] == ("${PYTHON_IMAGE}", "AS", "deps")
     assert froms[-1] == ("${PYTHON_IMAGE}",)
     copies = [c for c in final_stage(commands) if c.cmd == "COPY" and "--from=deps" in c.flags]
-    assert [c.value for c in copies] == [("/opt/venv", "/opt/venv")]
+    assert copies[0].value == ("/opt/venv", "/opt/venv")
+    # The worker also takes the TF Serving messages compiled in the deps stage, and nothing else.
+    assert [c.value for c in copies[1:]] == ([("/src/worker/protos/tfserving_apis_pb2.py", "worker/protos/")]
+                                             if service == "worker" else [])
 
 
 @pytest.mark.parametrize("service", SERVICES)
-def test_pinned_requirements_installed_without_cache(service):
-    installs = [c.value[0] for c in parse(service) if c.cmd == "RUN" and "pip install" in c.value[0]]
-    assert len(installs) == 1 and "--no-cache-dir" in installs[0]
+def test_pinned_requirements_installed_with_ca_and_cache_outside_the_layers(service):
+    """pip's CA bundle is a BuildKit secret and its cache a cache mount: neither is in any layer."""
+    installs = [c for c in parse(service) if c.cmd == "RUN" and "pip install" in c.value[0]]
+    assert len(installs) == 1
+    assert set(installs[0].flags) == {"--mount=type=secret,id=pip-ca", "--mount=type=cache,target=/root/.cache/pip"}
+    assert "export PIP_CERT=/run/secrets/pip-ca" in installs[0].value[0]
+    text = (ROOT / service / "Dockerfile").read_text()
+    assert "ca-certificates.crt" not in text and "COPY /etc" not in text
     assert f"COPY {service}/requirements.txt" in (ROOT / service / "Dockerfile").read_text()
     for line in (ROOT / service / "requirements.txt").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
@@ -175,8 +185,9 @@ def test_copied_sources_are_in_the_context(service):
             continue
         for src in c.value[:-1]:
             path = ROOT / src
-            assert path.exists(), f"{service}/Dockerfile copies missing {src}"
-            files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+            files = ([p for p in path.rglob("*") if p.is_file()] if path.is_dir() else
+                     [path] if path.exists() else list(ROOT.glob(src)))
+            assert files, f"{service}/Dockerfile copies missing {src}"
             sent = [p for p in files if not ignored(str(p.relative_to(ROOT)))]
             assert sent, f"{service}/Dockerfile copies {src}, which .dockerignore leaves out"
 
@@ -186,7 +197,8 @@ def test_copied_sources_are_in_the_context(service):
     ("models/cifar10/1/saved_model.pb", False), ("models/cifar10/2/saved_model.pb", False),
     ("models/cifar10/2/assets.extra/model_card.json", False), ("gateway/static/app.js", False),
     ("gateway/openapi.json", False), ("gateway/static/swagger/swagger-ui-bundle.js", False),
-    ("models/cifar10/3/saved_model.pb", True),
+    ("models/cifar10/3/saved_model.pb", True), ("worker/protos/tfserving_apis.proto", False),
+    ("worker/protos/tfserving_apis_pb2.py", True), ("tfserving/standin.py", False),
     (".git/HEAD", True), (".venv/bin/python", True), ("data/cifar-10-batches-py/x", True),
     ("runs/fast/ckpt", True), ("gateway/tests/test_app.py", True),
     ("training/__pycache__/train.cpython-311.pyc", True), ("k8s/base/redis.yaml", True),
