@@ -39,6 +39,12 @@ MODEL_STATUS_TTL_S = 5
 # Set beside it (same TTL): the served version's model card, {"version": N, "card": {...} or null
 # for a version exported without one}, which workers fetch once per version; GET /model reads it.
 MODEL_CARD_KEY = env_str("MODEL_CARD_KEY", "cifar10:model-card")
+# Each worker's connection to the model server, a hash: consumer name -> {"ready": bool, "ms": when}
+# (refreshed with MODEL_STATUS_KEY). Deep readiness needs every worker heard from within
+# WORKER_CHANNEL_FRESH_MS to be connected: a worker whose channel is still reconnecting would
+# make its jobs wait.
+WORKER_CHANNELS_KEY = env_str("WORKER_CHANNELS_KEY", "cifar10:worker-channels")
+WORKER_CHANNEL_FRESH_MS = 5000
 # Long enough for a gateway that waited its full RESULT_TIMEOUT_S; short enough that results of
 # abandoned requests do not pile up.
 RESULT_TTL_S = 120

@@ -147,10 +147,12 @@ def predict_response(results: list[Result], top_k: int, retry_after_s: int) -> R
 
 
 def deep_readiness(queue: JobQueue) -> Response:
-    """200 when Redis answers and the workers see a model version that meets the serving contract."""
+    """200 when Redis answers, the workers see a model version that meets the serving contract and
+    every worker heard from lately is connected to the model server."""
     try:
         status = queue.model_status()
         depth, queued_bytes = queue.occupancy()
+        unconnected = queue.unconnected_workers()
     except redis.RedisError:
         return json_response({"ready": False, "reason": "redis unreachable"}, 503)
     body = {"queue_depth": depth, "queue_bytes": queued_bytes}
@@ -159,6 +161,9 @@ def deep_readiness(queue: JobQueue) -> Response:
     if status["version"] is None:
         return json_response({"ready": False, "reason": "no loaded model version meets the serving contract",
                               "rejected_versions": status["rejected"], **body}, 503)
+    if unconnected:
+        return json_response({"ready": False, "reason": f"not connected to the model server yet: {', '.join(unconnected)}",
+                              **body}, 503)
     return json_response({"ready": True, "model_version": status["version"],
                           "rejected_versions": status["rejected"], **body})
 

@@ -96,3 +96,9 @@ class JobQueue:
         """What the workers last saw on the model server (see worker.main.model_status)."""
         raw = self.redis.get(protocol.MODEL_STATUS_KEY)
         return json.loads(raw) if raw else None
+
+    def unconnected_workers(self) -> list[str]:
+        """Workers heard from lately whose channel to the model server is not connected."""
+        fresh = protocol.now_ms() - protocol.WORKER_CHANNEL_FRESH_MS
+        channels = {name.decode(): json.loads(raw) for name, raw in self.redis.hgetall(protocol.WORKER_CHANNELS_KEY).items()}
+        return sorted(name for name, channel in channels.items() if channel["ms"] >= fresh and not channel["ready"])

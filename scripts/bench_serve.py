@@ -8,27 +8,22 @@ CPU the load generator itself used. Then it starts scripts/reference_server.py (
 process Flask + Keras design), loads it the same way, and prints the stack's throughput as a
 multiple of the reference's. Requests only go to localhost URLs; every step is time-bounded.
 
-The load generator keeps its own CPU small, since it shares the 2 cores with the system under test:
-request bodies are built before a step (each client cycles through its own few random boundaries),
-each client keeps one HTTP/1.1 connection, and the `loadgen cpu` column shows the share of one core
-it used (user + system time over wall time).
+The load generator is wrk (Debian's, in C: one thread, an event loop over every client's HTTP/1.1
+connection, the body built before the step), since it shares the 2 cores with the system under
+test; a Python generator took enough CPU to cut the stack's throughput by a fifth. The `loadgen
+cpu` column shows the share of one core wrk used (user + system time over wall time).
 """
 import argparse
-import http.client
 import json
 import os
 import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
-
-import numpy as np
 
 from scripts.stack import free_port
 
@@ -57,30 +52,42 @@ def scenarios(multi_count: int) -> dict[str, list[tuple[str, bytes]]]:
     }
 
 
-BODIES_PER_CLIENT = 8
+# wrk (C, one thread, an event loop over every connection) sends the body built beforehand and
+# reports through this hook: requests, errors and latency percentiles as one JSON line.
+WRK_SCRIPT = """
+local body = assert(io.open(os.getenv("BENCH_BODY"), "rb"))
+wrk.method = "POST"
+wrk.body = body:read("*a")
+body:close()
+wrk.headers["Content-Type"] = os.getenv("BENCH_CONTENT_TYPE")
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('{"requests": %d, "seconds": %f, "non_2xx": %d, "socket_errors": %d, ' ..
+    '"p50_us": %d, "p95_us": %d, "p99_us": %d}\\n', summary.requests, summary.duration / 1e6, e.status,
+    e.connect + e.read + e.write + e.timeout, latency:percentile(50), latency:percentile(95), latency:percentile(99)))
+end
+"""
 
 
-def client_loop(host: str, port: int, images: list[tuple[str, bytes]], stop_at: float, latencies: list,
-                statuses: list):
-    conn = http.client.HTTPConnection(host, port, timeout=30)
-    bodies = [multipart_body(images) for _ in range(BODIES_PER_CLIENT)]
-    sent = 0
-    while time.perf_counter() < stop_at:
-        body, content_type = bodies[sent % BODIES_PER_CLIENT]
-        sent += 1
-        started = time.perf_counter()
-        try:
-            conn.request("POST", "/predict", body=body, headers={"Content-Type": content_type})
-            response = conn.getresponse()
-            response.read()
-            status = response.status
-        except (OSError, http.client.HTTPException):
-            conn.close()
-            conn = http.client.HTTPConnection(host, port, timeout=30)
-            status = 0
-        latencies.append(time.perf_counter() - started)
-        statuses.append(status)
-    conn.close()
+def run_step(url: str, images: list[tuple[str, bytes]], concurrency: int, seconds: float) -> dict:
+    """One closed-loop wrk run: its JSON report, plus `loadgen_cpu`, the share of one core wrk used
+    (user + system time over wall time)."""
+    body, content_type = multipart_body(images)
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "body").write_bytes(body)
+        (Path(folder) / "post.lua").write_text(WRK_SCRIPT)
+        env = {**os.environ, "BENCH_BODY": str(Path(folder) / "body"), "BENCH_CONTENT_TYPE": content_type}
+        started, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        process = subprocess.Popen(["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--timeout", "30s",
+                                    "-s", str(Path(folder) / "post.lua"), f"{url}/predict"],
+                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = process.communicate(timeout=seconds + 60)
+        elapsed, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN)
+    line = next((l for l in out.splitlines() if l.startswith("{")), None)
+    if process.returncode != 0 or line is None:
+        raise SystemExit(f"wrk failed ({process.returncode}): {err[-1000:]}{out[-1000:]}")
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return {**json.loads(line), "loadgen_cpu": cpu / elapsed}
 
 
 def batch_totals(metrics_urls: list[str]) -> tuple[float, float]:
@@ -99,29 +106,6 @@ def batch_totals(metrics_urls: list[str]) -> tuple[float, float]:
     return total, count
 
 
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def run_step(url: str, images: list[tuple[str, bytes]], concurrency: int,
-             seconds: float) -> tuple[np.ndarray, list[int], float, float]:
-    """Latencies, statuses, elapsed seconds and the load generator's CPU share of one core."""
-    parsed = urllib.parse.urlsplit(url)
-    latencies, statuses = [], []
-    stop_at = time.perf_counter() + seconds
-    threads = [threading.Thread(target=client_loop, args=(parsed.hostname, parsed.port or 80, images,
-                                                          stop_at, latencies, statuses))
-               for _ in range(concurrency)]
-    started, cpu_before = time.perf_counter(), cpu_seconds()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - started
-    return np.asarray(latencies), statuses, elapsed, (cpu_seconds() - cpu_before) / elapsed
-
-
 def worker_metrics_urls() -> list[str]:
     if STACK_STATE.exists():
         return json.loads(STACK_STATE.read_text()).get("worker_metrics", [])
@@ -138,16 +122,16 @@ def measure(url: str, chosen: dict, concurrencies: list[int], seconds: float,
     for name, images in chosen.items():
         for concurrency in concurrencies:
             before = batch_totals(metrics_urls)
-            latencies, statuses, elapsed, loadgen_cpu = run_step(url, images, concurrency, seconds)
+            step = run_step(url, images, concurrency, seconds)
             after = batch_totals(metrics_urls)
             batches = after[1] - before[1]
             mean_batch = f"{(after[0] - before[0]) / batches:.1f}" if batches else "-"
-            errors = sum(1 for s in statuses if s != 200)
-            p50, p95, p99 = (np.percentile(latencies, q) * 1000 for q in (50, 95, 99))
-            rates[name, concurrency] = len(statuses) / elapsed
-            print(f"{name:<20}{concurrency:>8}{len(statuses):>10}{len(statuses) / elapsed:>9.1f}"
-                  f"{len(statuses) * len(images) / elapsed:>9.1f}{p50:>9.1f}{p95:>9.1f}{p99:>9.1f}{errors:>8}"
-                  f"{mean_batch:>7}{loadgen_cpu:>12.0%}", flush=True)
+            errors = step["non_2xx"] + step["socket_errors"]
+            rate = step["requests"] / step["seconds"]
+            rates[name, concurrency] = rate
+            print(f"{name:<20}{concurrency:>8}{step['requests']:>10}{rate:>9.1f}{rate * len(images):>9.1f}"
+                  f"{step['p50_us'] / 1000:>9.1f}{step['p95_us'] / 1000:>9.1f}{step['p99_us'] / 1000:>9.1f}"
+                  f"{errors:>8}{mean_batch:>7}{step['loadgen_cpu']:>12.0%}", flush=True)
     return rates
 
 

@@ -27,6 +27,10 @@ schedule spread over the run injects, in this order:
                   connections stay open and calls hit their deadlines), not a refused connection
   gateway-sigterm SIGTERM to every gunicorn worker process (the master's children); the master
                   starts new ones
+  model-server-restart  SIGKILL to the model server and a fresh one started on the same port, as
+                  a TF Serving pod restart: the workers' channels back off meanwhile; `listening_s`
+                  is when the new one accepts connections, and every answer after it should be a 200
+                  within 2 s (jobs wait for the channel until their deadline rather than fail)
 Recovery of a fault: among the requests answered between the fault and the next fault (or the end
 of the load), take the last one sent that did not get a 200; the fault has recovered at the moment
 the first of the next 3 consecutive requests (in the order they were sent) got its 200. With no
@@ -61,7 +65,7 @@ import redis
 import requests
 
 from common import protocol
-from scripts.stack import LocalStack, Ports, Service, free_port
+from scripts.stack import LocalStack, Ports, Service, free_port, port_in_use
 from tfserving.versions import list_versions
 
 REPO = Path(__file__).resolve().parent.parent
@@ -324,6 +328,7 @@ class Fault:
     at_s: float = 0.0  # when it was injected, seconds since the load started
     done_s: float = 0.0  # when the injection (restart, SIGCONT) finished
     note: str = ""
+    listening_s: float | None = None  # model-server-restart: when the new server accepted connections
 
 
 def fault_plan() -> list[Fault]:
@@ -332,6 +337,7 @@ def fault_plan() -> list[Fault]:
         Fault("redis-restart", "redis-server stopped, fresh empty one on the same port", 1.0),
         Fault("model-server-pause", f"SIGSTOP model server {MODEL_SERVER_PAUSE_S:g} s, then SIGCONT", 2.0),
         Fault("gateway-sigterm", "SIGTERM every gunicorn worker; the master respawns them", 1.0),
+        Fault("model-server-restart", "SIGKILL the model server, a fresh one on the same port", 1.5),
     ]
 
 
@@ -356,8 +362,9 @@ def busiest_worker(stack: LocalStack, within_s: float = 2.0) -> tuple[str, int]:
         time.sleep(0.005)
 
 
-def inject(fault: Fault, stack: LocalStack, mark) -> str:
-    """Injects the fault, calling mark() at the moment it strikes; returns what was done."""
+def inject(fault: Fault, stack: LocalStack, mark, now) -> str:
+    """Injects the fault, calling mark() at the moment it strikes; returns what was done. `now`:
+    the load's clock, for the moments a fault records."""
     if fault.name == "worker-kill":
         name, pending = busiest_worker(stack)
         victim = service(stack, name)
@@ -381,6 +388,17 @@ def inject(fault: Fault, stack: LocalStack, mark) -> str:
         finally:
             os.killpg(pid, signal.SIGCONT)
         return f"pid {pid} stopped and continued"
+    if fault.name == "model-server-restart":
+        old = service(stack, "model-server")
+        mark()
+        old.stop(signal.SIGKILL, timeout_s=5)
+        new = replace(stack, old)
+        while not port_in_use(stack.ports.grpc):
+            if not new.alive():
+                return f"killed pid {old.process.pid}; the new one exited with {new.process.returncode}"
+            time.sleep(0.02)
+        fault.listening_s = round(now(), 2)
+        return f"killed pid {old.process.pid}, pid {new.process.pid} listening after {fault.listening_s - fault.at_s:.1f} s"
     if fault.name == "gateway-sigterm":
         master = service(stack, "gateway").process.pid
         workers = children(master)
@@ -415,7 +433,8 @@ def chaos(args) -> int:
     unit = (args.seconds - warm_up) / sum(f.weight for f in plan)
     pause_slot = unit * next(f.weight for f in plan if f.name == "model-server-pause")
     if pause_slot < MODEL_SERVER_PAUSE_S + 4:
-        raise SystemExit(f"--seconds {args.seconds:g} is too short for the schedule (at least 38)")
+        shortest = (MODEL_SERVER_PAUSE_S + 4) * (args.seconds - warm_up) / pause_slot + warm_up
+        raise SystemExit(f"--seconds {args.seconds:g} is too short for the schedule (at least {shortest:.0f})")
     schedule, at = [], warm_up
     for fault in plan:
         schedule.append(at)
@@ -431,7 +450,7 @@ def chaos(args) -> int:
         try:
             for fault, at in zip(plan, schedule):
                 time.sleep(max(0.0, at - load.now()))
-                fault.note = inject(fault, stack, lambda: setattr(fault, "at_s", round(load.now(), 2)))
+                fault.note = inject(fault, stack, lambda: setattr(fault, "at_s", round(load.now(), 2)), load.now)
                 fault.done_s = round(load.now(), 2)
                 print(f"  {fault.at_s:6.1f} s  {fault.name}: {fault.note}", flush=True)
             time.sleep(max(0.0, args.seconds - load.now()))
@@ -460,6 +479,9 @@ def chaos(args) -> int:
     for fault in faults:
         if fault["recovered_s"] is None:
             problems.append(f"{fault['name']} did not recover before the next fault or the end")
+        elif fault["listening_s"] is not None and fault["recovered_s"] - (fault["listening_s"] - fault["at_s"]) > 2:
+            problems.append(f"{fault['name']}: all 200 only {fault['recovered_s'] - fault['listening_s'] + fault['at_s']:.1f} s "
+                            "after the new model server listened (at most 2 s)")
     if not all(alive.values()):
         problems.append(f"services dead at the end: {[n for n, a in alive.items() if not a]}")
     report["problems"] = problems

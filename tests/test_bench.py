@@ -1,4 +1,5 @@
-"""The serving benchmark's yardstick: the seed's one-process Flask + Keras server, for real."""
+"""The serving benchmark: its yardstick (the seed app's structure: one Flask process, a Keras model
+loaded from .h5, predict per request), for real, and its load generator, wrk."""
 import pytest
 import requests
 
@@ -26,7 +27,7 @@ def test_the_reference_server_answers_like_the_seed(reference):
 
 
 def test_a_measured_step_counts_only_answered_requests(reference, capsys):
-    rates = measure(reference, {"png-32x32": scenarios(1)["png-32x32"]}, [2], seconds=1.0, metrics_urls=[])
+    rates = measure(reference, {"png-32x32": scenarios(1)["png-32x32"]}, [2], seconds=3.0, metrics_urls=[])
     assert rates["png-32x32", 2] > 0
     row = capsys.readouterr().out.splitlines()[-1].split()
     assert row[0] == "png-32x32" and row[1] == "2" and row[8] == "0"  # no errors

@@ -1,5 +1,6 @@
 """TF Serving's gRPC API as the worker sees it, against the session's model server (real or stand-in)."""
 import logging
+import time
 
 import grpc
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
                                      predict_pb2, prediction_service_pb2_grpc)
 
-from scripts.stack import free_port
+from scripts.stack import LocalStack, Ports, free_port
 from tests.helpers import CLASSES
 from worker import contract
 from worker.preprocess import preprocess
@@ -95,6 +96,24 @@ def test_client_retries_unavailable_then_gives_up(caplog):
     closed.close()
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
     assert sum("retry" in record.message for record in caplog.records) == 2
+
+
+def test_predict_waits_until_its_deadline_for_a_model_server_coming_back(stack, tmp_path):
+    """A worker's channel backs off after a refused connection; a job's Predict waits for it to
+    connect again instead of failing while the model server is up again."""
+    port = free_port()
+    client = TFServingClient(f"127.0.0.1:{port}", "cifar10", timeout_s=5, retries=2, backoff_s=0.01)
+    with pytest.raises(grpc.RpcError) as refused:
+        client.available_versions()  # nothing listens yet: the channel goes into its reconnect backoff
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and not client.connected()
+    again = LocalStack(tmp_path, Ports(gateway=0, redis=0, grpc=port, worker_metrics=0), stack.model_base_path)
+    again.start_model_server()
+    try:
+        prediction = client.predict(np.zeros((2, 32, 32, 3), np.uint8), deadline=time.time() + 120)
+        assert prediction.probabilities.shape == (2, 10) and client.connected()
+    finally:
+        again.stop_all()
+        client.close()
 
 
 def test_the_served_signature_meets_the_workers_contract(client):

@@ -73,9 +73,9 @@ class ModelVersions:
         self.served = self.choose(self.available)
         return self.served
 
-    def predict(self, images):
-        """Predict on the served version. If that version has just been unloaded (a rollout),
-        chooses again and retries once."""
+    def predict(self, images, deadline: float | None = None):
+        """Predict on the served version (until `deadline`: TFServingClient.predict). If that
+        version has just been unloaded (a rollout), chooses again and retries once."""
         version = self.served if self.served is not None else self.refresh()
         for attempt in range(2):
             if version is None:
@@ -83,7 +83,7 @@ class ModelVersions:
                 raise NoServableVersion(f"no loaded model version meets the serving contract ({rejected})"
                                         if rejected else "no model version is loaded")
             try:
-                return self.client.predict(images, version)
+                return self.client.predict(images, version, deadline)
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.NOT_FOUND or attempt:
                     raise

@@ -23,6 +23,7 @@ log = logging.getLogger("worker")
 # gRPC codes after which the model server is treated as down (503 to the caller) rather than failing.
 UNAVAILABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.NOT_FOUND}
 Answered = tuple[bytes, Job, Result | None]
+ANSWER_MARGIN_S = 0.5  # how long before a job's deadline its answer goes back, whatever it is
 
 
 def preprocess_jobs(entries: list[Entry], max_pixels: int,
@@ -62,7 +63,9 @@ def predict_jobs(ready: list[tuple[bytes, Job, np.ndarray]], versions: ModelVers
     metrics.BATCH_SIZE.observe(len(ready))
     started = time.perf_counter()
     try:
-        prediction = versions.predict(np.stack([pixels for _, _, pixels in ready]))
+        # Answered before the earliest deadline, so its caller still hears a 503 rather than a timeout.
+        deadline = min(job.deadline_ms for _, job, _ in ready) / 1000 - ANSWER_MARGIN_S
+        prediction = versions.predict(np.stack([pixels for _, _, pixels in ready]), deadline)
         answered = [
             (entry_id, job, Result(index=job.index, model_version=prediction.model_version,
                                    labels=tuple(prediction.labels[row]),
@@ -134,7 +137,7 @@ def served_card(versions: ModelVersions, served: int | None) -> str | None:
 
 
 def publish_model_status(store: redis.Redis, versions: ModelVersions, interval_s: float,
-                         stop: threading.Event) -> None:
+                         stop: threading.Event, name: str = "worker") -> None:
     """Keeps MODEL_STATUS_KEY set while the model server has a version loaded, for the gateway's
     readiness and its fast 503 (which also needs "version" not null: one that meets the contract).
     Deleted at once when the model server is unreachable or has no version; a slow answer only
@@ -147,6 +150,9 @@ def publish_model_status(store: redis.Redis, versions: ModelVersions, interval_s
             stop.wait(interval_s)
             continue
         try:
+            channel = json.dumps({"ready": versions.client.connected() and status is not None,
+                                  "ms": protocol.now_ms()})
+            store.hset(protocol.WORKER_CHANNELS_KEY, name, channel)
             if status is None:
                 store.delete(protocol.MODEL_STATUS_KEY, protocol.MODEL_CARD_KEY)
             else:
@@ -161,7 +167,8 @@ def publish_model_status(store: redis.Redis, versions: ModelVersions, interval_s
         if status != last_seen:
             log.info("model server: %s", json.dumps(status) if status else "no available version")
             last_seen = status
-        stop.wait(interval_s)
+        # While no version is seen, look again soon: the gateway answers 503 at once until then.
+        stop.wait(interval_s if status else min(interval_s, 0.2))
 
 
 def keep_claims(stream: JobStream, in_hand: list[bytes], liveness: metrics.Liveness, interval_s: float,
@@ -189,7 +196,7 @@ def run(settings: Settings, stop: threading.Event) -> None:
     metrics_server = metrics.serve_metrics(settings.metrics_port, liveness)
     versions = ModelVersions(client)
     threading.Thread(target=publish_model_status, name="model-status", daemon=True,
-                     args=(store, versions, settings.model_status_interval_s, stop)).start()
+                     args=(store, versions, settings.model_status_interval_s, stop, settings.consumer_name)).start()
     log.info("worker %s: redis %s, model server %s, batches of up to %d (wait %d ms)", settings.consumer_name,
              settings.redis_url.split("@")[-1], settings.tfserving_address, settings.max_batch_size,
              settings.max_batch_wait_ms)
@@ -224,6 +231,7 @@ def run(settings: Settings, stop: threading.Event) -> None:
     done.set()
     try:
         stream.leave_group()
+        store.hdel(protocol.WORKER_CHANNELS_KEY, settings.consumer_name)
     except redis.RedisError:
         pass
     metrics_server.shutdown()
