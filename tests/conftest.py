@@ -19,8 +19,8 @@ def cifar_zip() -> zipfile.ZipFile:
 
 @pytest.fixture(scope="session")
 def cifar_test_images(cifar_zip) -> list[tuple[str, bytes]]:
-    """(label, JPEG bytes): the first 8 test images of each class."""
-    return [(label, cifar_zip.read(f"test/{label}/{i:04d}.jpg")) for label in CLASSES for i in range(8)]
+    """(label, PNG bytes): the first 8 test images of each class."""
+    return [(label, cifar_zip.read(f"test/{label}/{i:04d}.png")) for label in CLASSES for i in range(8)]
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED_BASE = REPO / "models" / "cifar10"
 # The served default: the highest shipped version (version 1 is the teacher it was distilled from).
 SHIPPED_MODEL = Path(os.environ.get("TEST_MODEL_DIR", SHIPPED_BASE / str(max(list_versions(SHIPPED_BASE)))))
-CIFAR_ZIP = REPO.parent / "shared" / "data" / "cifar10" / "cifar10-jpeg.zip"
+CIFAR_ZIP = REPO.parent / "shared" / "data" / "cifar10" / "cifar10-png.zip"  # the official pixels
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # Short enough to keep the tests quick, long enough for a batch on a busy 2-core machine.
 TEST_SETTINGS = {"CLAIM_IDLE_MS": "2000", "GRPC_TIMEOUT_S": "3", "RESULT_TIMEOUT_S": "20",

@@ -76,7 +76,7 @@ def test_top_k_returns_the_most_probable(stack):
 
 
 def test_several_images_answer_in_order(stack, cifar_test_images):
-    images = [(f"{label}.jpg", data) for label, data in cifar_test_images[::9][:6]]
+    images = [(f"{label}.png", data) for label, data in cifar_test_images[::9][:6]]
     body = post_images(stack.gateway_url, images).json()
     assert body["success"] is True
     singles = [post_images(stack.gateway_url, [image]).json()["predictions"] for image in images]

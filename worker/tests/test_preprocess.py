@@ -12,7 +12,7 @@ from worker.preprocess import ImageError, decode_estimate, preprocess, reduction
 from worker.tests import large_canvas
 
 REPO = Path(__file__).resolve().parents[2]
-CIFAR_ZIP = REPO.parent / "shared" / "data" / "cifar10" / "cifar10-jpeg.zip"
+CIFAR_ZIP = REPO.parent / "shared" / "data" / "cifar10" / "cifar10-png.zip"  # the official pixels
 PHOTO = REPO / "tests" / "assets" / "photo-800x530-upscaled-cifar-frog.jpg"
 LIMIT = 40_000_000
 
@@ -20,7 +20,7 @@ LIMIT = 40_000_000
 @pytest.fixture(scope="module")
 def cifar_frog() -> Image.Image:
     with zipfile.ZipFile(CIFAR_ZIP) as archive:
-        return Image.open(io.BytesIO(archive.read("test/frog/0000.jpg"))).convert("RGB")
+        return Image.open(io.BytesIO(archive.read("test/frog/0000.png"))).convert("RGB")
 
 
 def encode(image: Image.Image, fmt: str, **options) -> bytes:
