@@ -7,8 +7,6 @@ model-only throughput at a fixed batch size on this machine.
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
 from training.export import INPUT, SIGNATURE
+from training.machine import describe
 
 CONV_OPS = {"Conv2D", "DepthwiseConv2dNative"}
 
@@ -64,20 +63,13 @@ def images_per_second(export_dir, batch=32, seconds=10.0):
     return calls * batch / (time.perf_counter() - started)
 
 
-def cpu_name():
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("exports", nargs="+", help="exported SavedModel version directories")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args(argv)
-    print(f"# {cpu_name()}, {os.cpu_count()} cores, load average before {os.getloadavg()[0]:.2f}")
+    print(f"# {describe()} (before)")
     for export in args.exports:
         row = {"export": export, "multiply_adds": multiply_adds(export), "parameters": parameters(export),
                "size_bytes": size_bytes(export),
