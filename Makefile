@@ -92,7 +92,7 @@ test: setup data ## Run the whole test suite (real redis-server, gunicorn, gRPC,
 
 # ---- Serving: the local stack as processes (scripts/stack.py), logs in .stack/logs/ ----
 WORKERS ?= 2
-.PHONY: up down bench-serve chaos soak
+.PHONY: up down bench-serve profile-serve chaos soak
 
 up: $(VENV)/.serving-installed $(PROTOS) ## Install what serving needs (venv; redis-server via apt), start redis, model server, workers (WORKERS=2), gateway on :5000
 	@scripts/need_redis.sh
@@ -103,6 +103,9 @@ down: ## Stop everything `make up` started
 
 bench-serve: ## Load-test the running stack (make up first), then the seed's one-process server: req/s, p50/p99, batch size, ratio
 	$(PY) -m scripts.bench_serve
+
+profile-serve: ## Where a request's CPU goes in the running stack (make up first): CPU ms per request per process under wrk, py-spy's breakdown by stage [SECONDS=20]
+	$(PY) -m scripts.profile_serve $(if $(SECONDS),--seconds $(SECONDS))
 
 chaos: setup ## Own stack under load while a worker, Redis, the model server and gunicorn's workers fail [SECONDS=60]; report in runs/chaos
 	$(PY) -m scripts.chaos chaos $(if $(SECONDS),--seconds $(SECONDS))
