@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from scripts.bench_serve import ASSETS, STACK_STATE, run_step

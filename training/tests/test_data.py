@@ -33,10 +33,10 @@ def test_a_data_dir_prefers_the_extracted_batches(data_dir):
     assert locate(data_dir) == data_dir / BATCH_DIR
 
 
-def test_train_statistics_match_the_copy_documented_in_shared(from_directory):
+def test_train_statistics_are_the_official_ones_documented_in_shared(from_directory):
     mean, std = channel_stats(from_directory[0].images)
-    assert np.allclose(mean, [125.27, 122.93, 113.86], atol=0.01)
-    assert np.allclose(std, [62.53, 61.91, 66.46], atol=0.01)
+    assert np.allclose(mean, [125.307, 122.950, 113.865], atol=0.001)
+    assert np.allclose(std, [62.993, 62.089, 66.705], atol=0.001)
 
 
 def test_channel_statistics_are_the_mean_and_std_of_every_pixel_value_of_each_channel():
