@@ -79,16 +79,20 @@ def serving_function(model, tta, temperature=1.0, ood=None):
     if tta not in TTA:
         raise ValueError(f"unknown test-time augmentation {tta!r}; choose from {', '.join(TTA)}")
     classes = tf.constant(CLASS_NAMES)
-    stored = Float16Kernels(with_features(model))
+    stored = Float16Kernels(model if ood is None else with_features(model))
 
     def logits_of(pixels, training=False):
-        return stored(pixels, training)[1]
+        outputs = stored(pixels, training)
+        return outputs if ood is None else outputs[1]
 
     def serve(images):
         pixels = tf.cast(images, tf.float32)
-        features, logits = stored(pixels)
-        logits = averaged_logits(logits_of, pixels, tta, first=logits) / temperature
         batch = tf.shape(images)[0]
+        if ood is None:
+            logits = averaged_logits(logits_of, pixels, tta) / temperature
+        else:  # the first view's features and logits in one pass
+            features, first = stored(pixels)
+            logits = averaged_logits(logits_of, pixels, tta, first=first) / temperature
         outputs = {"probabilities": tf.nn.softmax(logits), "classes": tf.tile(classes[tf.newaxis], [batch, 1])}
         if ood is not None:
             score = ood.scorer.score(features, logits, keras.ops)
