@@ -31,8 +31,11 @@ def student(small_data_dir, teacher, tmp_path_factory):
     return root, result
 
 
-def test_the_soft_targets_are_the_teachers_served_log_probabilities(student, teacher, small_data_dir):
+def test_the_soft_targets_are_the_teachers_served_log_probabilities_before_its_calibration(
+        student, teacher, small_data_dir, tmp_path):
+    import shutil
     from training.data import load_cifar10
+    from training.distill import compute_teacher_logits, served_temperature
     from training.export import predict_exported
     root, _ = student
     train, _ = load_cifar10(small_data_dir)
@@ -40,7 +43,18 @@ def test_the_soft_targets_are_the_teachers_served_log_probabilities(student, tea
         logits = cached["logits"]
     assert logits.shape == (SMALL_TRAIN, 10) and SMALL_TRAIN > 1024  # every image, beyond the slice
     served = predict_exported(teacher, train.images)
-    assert np.allclose(np.exp(logits), served, atol=1e-6)
+    temperature = served_temperature(teacher)
+    scaled = np.exp(logits / temperature)
+    assert np.allclose(scaled / scaled.sum(axis=1, keepdims=True), served, atol=1e-5)
+    # A sharper calibration in the card: the targets undo it, times the card's temperature.
+    sharper = tmp_path / "teacher"
+    shutil.copytree(teacher, sharper)
+    card_path = sharper / "assets.extra" / "model_card.json"
+    card = json.loads(card_path.read_text())
+    card["training"]["temperature"] = 0.5
+    card_path.write_text(json.dumps(card))
+    images = train.images[:200]
+    assert np.allclose(compute_teacher_logits(sharper, images), 0.5 * np.log(np.maximum(served[:200], 1e-30)), atol=1e-4)
 
 
 def test_a_student_monitors_the_held_out_images_and_the_test_split_only_reports(student):
