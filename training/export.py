@@ -79,7 +79,7 @@ def serving_function(model, tta, temperature=1.0, ood=None):
     if tta not in TTA:
         raise ValueError(f"unknown test-time augmentation {tta!r}; choose from {', '.join(TTA)}")
     classes = tf.constant(CLASS_NAMES)
-    stored = Float16Kernels(model if ood is None else with_features(model))
+    stored = Float16Kernels(model if ood is None else with_features(model, ood.scorer.blocks))
 
     def logits_of(pixels, training=False):
         outputs = stored(pixels, training)

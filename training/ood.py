@@ -9,7 +9,12 @@ Scores compared (`python -m training.ood compare`, docs/ood.md):
 - relative_mahalanobis: the same minus the distance to the features' overall Gaussian (Ren et al.
   2021), which discounts what makes an image unusual for every class alike;
 - knn: the distance of the L2-normalized features to their k-th nearest neighbour in a bank of
-  training images (Sun et al. 2022).
+  training images (Sun et al. 2022);
+- the _blocks variants: the same on the features of every block (each block's output averaged
+  over its pixels, beside the penultimate features), as Lee et al. score several layers: earlier
+  blocks see textures and colours that the last one has pooled away;
+- energy+X: the sum of the two scores, each standardized by its mean and spread over the training
+  images: the logits and the features miss different images.
 Class means, covariances and banks are fitted on the training images only (never the held-out
 split, which chooses the threshold, nor the test split). The threshold flags THRESHOLD_FLAGS of the
 held-out images: any higher and more of the ten classes would be refused.
@@ -24,22 +29,38 @@ from pathlib import Path
 import numpy as np
 import keras
 
-METHODS = ("msp", "energy", "mahalanobis", "relative_mahalanobis", "knn")
-SHIPPED = "mahalanobis"  # chosen on the validation sets: docs/ood.md
+METHODS = ("msp", "energy", "mahalanobis", "relative_mahalanobis", "knn", "mahalanobis_blocks",
+           "relative_mahalanobis_blocks", "knn_blocks", "energy+relative_mahalanobis",
+           "energy+relative_mahalanobis_blocks", "energy+knn_blocks")
+SHIPPED = "energy+relative_mahalanobis_blocks"  # chosen on the validation sets: docs/ood.md
 THRESHOLD_FLAGS = 0.05  # share of the held-out training images flagged at the shipped threshold
 KNN_BANK, KNN_K = 5000, 10
 
 
-def with_features(model):
-    """`model` with two outputs: the penultimate features (the input of its last Dense layer) and
-    its logits; the same layers and weights."""
+def block_outputs(model):
+    """Each block's output tensor: what the next block's first convolution reads (the input of
+    the convolution before each max-pool), and the last block's, which the global pooling reads."""
+    pools = [layer for layer in model.layers if isinstance(layer, keras.layers.MaxPooling2D)]
+    firsts = [pool.input._keras_history.operation for pool in pools]
+    tops = [layer for layer in model.layers if isinstance(layer, keras.layers.GlobalMaxPooling2D)]
+    return [conv.input for conv in firsts[1:]] + [top.input for top in tops]
+
+
+def with_features(model, blocks=False):
+    """`model` with two outputs: the penultimate features (the input of its last Dense layer), or
+    with `blocks` every block's output averaged over its pixels beside them; and its logits. The
+    same layers and weights."""
     dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)][-1]
-    return keras.Model(model.inputs, [dense.input, model.outputs[0]], name=f"{model.name}_with_features")
+    features = dense.input
+    if blocks:
+        pooled = [keras.layers.GlobalAveragePooling2D()(tensor) for tensor in block_outputs(model)]
+        features = keras.layers.Concatenate()([*pooled, features])
+    return keras.Model(model.inputs, [features, model.outputs[0]], name=f"{model.name}_with_features")
 
 
-def features_and_logits(model, images, batch_size=500):
-    """float32 penultimate features [N, D] and logits [N, 10] of uint8 images, one view."""
-    twin = with_features(model)
+def features_and_logits(model, images, blocks=False, batch_size=500):
+    """float32 features [N, D] (with_features) and logits [N, 10] of uint8 images, one view."""
+    twin = with_features(model, blocks)
     features, logits = twin.predict(images.astype("float32"), batch_size=batch_size, verbose=0)
     return np.asarray(features, np.float32), np.asarray(logits, np.float32)
 
@@ -68,20 +89,31 @@ class Scorer:
     method: str
     constants: dict = field(default_factory=dict)
 
+    @property
+    def blocks(self):
+        """Whether it scores every block's features (with_features(blocks=True))."""
+        return self.method.endswith("_blocks")
+
     @classmethod
-    def fit(cls, method, features, labels, shrinkage=1e-3, seed=0):
+    def fit(cls, method, features, labels, logits=None, shrinkage=1e-3, seed=0):
+        """`logits` (divided by the served temperature) are needed by a sum of scores only."""
         if method not in METHODS:
             raise ValueError(f"unknown out-of-distribution score {method!r}; choose from {', '.join(METHODS)}")
+        if "+" in method:
+            parts = [cls.fit(part, features, labels, shrinkage=shrinkage, seed=seed) for part in method.split("+")]
+            scores = [part.score(features, logits) for part in parts]
+            return cls(method, {"parts": parts, "location": [float(np.mean(s)) for s in scores],
+                                "scale": [float(np.std(s)) for s in scores]})
         constants = {}
-        if method in ("mahalanobis", "relative_mahalanobis"):
+        if method.removesuffix("_blocks") in ("mahalanobis", "relative_mahalanobis"):
             means = np.stack([features[labels == c].mean(axis=0) for c in range(10)])
             whiten = _whitener(features - means[labels], shrinkage)
             constants = {"whiten": whiten, "means": means @ whiten}
-            if method == "relative_mahalanobis":
+            if method.startswith("relative_mahalanobis"):
                 overall = features.mean(axis=0)
                 background = _whitener(features - overall, shrinkage)
                 constants.update(background=background, overall=overall @ background)
-        elif method == "knn":
+        elif method.startswith("knn"):
             rows = np.random.default_rng(seed).permutation(len(features))[:KNN_BANK]
             constants = {"bank": _normalized(features[rows])}
         return cls(method, constants)
@@ -90,9 +122,11 @@ class Scorer:
     def multiply_adds(self):
         """Per image, beyond the network."""
         c = self.constants
+        if "parts" in c:
+            return sum(part.multiply_adds for part in c["parts"])
         if self.method in ("msp", "energy"):
             return 0
-        if self.method == "knn":
+        if self.method.startswith("knn"):
             return int(c["bank"].size)
         total = c["whiten"].size + c["means"].size
         return int(total + (c["background"].size + c["overall"].size if "background" in c else 0))
@@ -100,16 +134,19 @@ class Scorer:
     def score(self, features, logits, ops=np):
         """The score of each image; `ops` is numpy or keras.ops (the export's graph)."""
         c = self.constants
+        if "parts" in c:
+            return sum((part.score(features, logits, ops) - location) / scale
+                       for part, location, scale in zip(c["parts"], c["location"], c["scale"]))
         if self.method == "msp":
             return 1 - ops.max(_softmax(logits, ops), axis=1)
         if self.method == "energy":
             return -_logsumexp(logits, ops)
-        if self.method == "knn":
+        if self.method.startswith("knn"):
             distances = 2 - 2 * ops.matmul(_normalized(features, ops), ops.transpose(c["bank"]))
             return ops.sort(distances, axis=1)[:, KNN_K - 1]
         dimensions = c["whiten"].shape[0]
         nearest = ops.min(_squared_distances(ops.matmul(features, c["whiten"]), c["means"], ops), axis=1)
-        if self.method == "relative_mahalanobis":
+        if self.method.startswith("relative_mahalanobis"):
             nearest = nearest - _squared_distances(ops.matmul(features, c["background"]), c["overall"][None], ops)[:, 0]
         return nearest / dimensions
 
@@ -160,11 +197,12 @@ def fit_head(method, model, train, validation, temperature=1.0, ood_images=None)
     """The head an export folds in: `method` fitted on the training images' features, the
     threshold on the held-out ones; with `ood_images` (uint8, preprocessed as served), what it flags
     of them too."""
-    features, logits = features_and_logits(model, train.images)
-    scorer = Scorer.fit(method, features, train.labels)
+    blocks = Scorer(method).blocks
+    features, logits = features_and_logits(model, train.images, blocks)
+    scorer = Scorer.fit(method, features, train.labels, logits / temperature)
 
     def scores(images):
-        f, l = features_and_logits(model, images)
+        f, l = features_and_logits(model, images, blocks)
         return scorer.score(f, l / temperature)
     held_out = scores(validation.images)
     limit = threshold(held_out)
@@ -197,29 +235,46 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 def compare(model, temperature, train, validation, sets):
     """AUROC and FPR at 95% TPR of every method: held-out images against each set of `sets`
     (name -> uint8 images), and what each flags of every set at its threshold."""
-    features, logits = features_and_logits(model, train.images)
-    held_features, held_logits = features_and_logits(model, validation.images)
-    outside = {name: features_and_logits(model, images) for name, images in sets.items()}
+    last = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)][-1].input.shape[-1]
+
+    def features(images):  # every block's, the penultimate ones last: one pass for both kinds
+        every, logits = features_and_logits(model, images, blocks=True)
+        return {True: (every, logits), False: (every[:, -last:], logits)}
+    fitted, held, outside = features(train.images), features(validation.images), {n: features(i) for n, i in sets.items()}
     rows = []
     for method in METHODS:
-        scorer = Scorer.fit(method, features, train.labels)
-        held = scorer.score(held_features, held_logits / temperature)
-        limit = threshold(held)
+        blocks = Scorer(method).blocks
+        scorer = Scorer.fit(method, fitted[blocks][0], train.labels, fitted[blocks][1] / temperature)
+        held_scores = scorer.score(held[blocks][0], held[blocks][1] / temperature)
+        limit = threshold(held_scores)
         row = {"method": method, "multiply_adds": scorer.multiply_adds, "threshold": limit, "sets": {}}
-        for name, (f, l) in outside.items():
+        for name, by_blocks in outside.items():
+            f, l = by_blocks[blocks]
             scores = scorer.score(f, l / temperature)
-            row["sets"][name] = {"images": len(scores), "auroc": auroc(held, scores),
-                                 "fpr_at_95_tpr": fpr_at_95_tpr(held, scores), "flagged": float((scores > limit).mean())}
+            row["sets"][name] = {"images": len(scores), "auroc": auroc(held_scores, scores),
+                                 "fpr_at_95_tpr": fpr_at_95_tpr(held_scores, scores),
+                                 "flagged": float((scores > limit).mean())}
+            row.setdefault("scores", {})[name] = scores
         rows.append(row)
     return rows
 
 
+def pair_auroc(rows, inside, outside):
+    """Per method, AUROC of set `outside` against set `inside` (instead of the held-out images):
+    in-class photos against out-of-class ones, as the service must tell them apart."""
+    for row in rows:
+        row[f"auroc {outside} vs {inside}"] = auroc(row["scores"][inside], row["scores"][outside])
+
+
 def markdown(rows):
     names = list(rows[0]["sets"])
-    header = "| score | multiply-adds | " + " | ".join(f"{n}: AUROC / FPR95 / flagged" for n in names) + " |"
-    lines = [header, "|" + "---|" * (2 + len(names))]
+    pairs = [key for key in rows[0] if key.startswith("auroc ")]
+    header = ("| score | multiply-adds | " + " | ".join(f"{n}: AUROC / FPR95 / flagged" for n in names)
+              + "".join(f" | {p}" for p in pairs) + " |")
+    lines = [header, "|" + "---|" * (2 + len(names) + len(pairs))]
     for row in rows:
         cells = [f"{s['auroc']:.3f} / {s['fpr_at_95_tpr']:.1%} / {s['flagged']:.1%}" for s in row["sets"].values()]
+        cells += [f"{row[p]:.3f}" for p in pairs]
         lines.append(f"| {row['method']} | {row['multiply_adds']:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -230,6 +285,8 @@ def main(argv=None):
     parser.add_argument("--data", default="data")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=FOLDER",
                         help="a folder of images to score against the held-out split (repeatable)")
+    parser.add_argument("--pair", action="append", default=[], metavar="IN,OUT",
+                        help="also the AUROC of set OUT against set IN, e.g. out-of-class photos against in-class ones")
     parser.add_argument("--out", help="write the table (markdown) and the figures (JSON) here")
     args = parser.parse_args(argv)
     from training.finish import finished_meta, network_from_run, saved_config
@@ -240,21 +297,25 @@ def main(argv=None):
     meta = finished_meta(args.run_dir, config)
     splits = load_splits(config, args.data, meta.get("train_limit"), meta.get("test_limit"))
     model, _ = network_from_run(config, args.run_dir, splits.train.images)
-    evaluation = Path(args.run_dir) / "evaluation" / "evaluation.json"
-    temperature = json.loads(evaluation.read_text()).get("temperature", 1.0) if evaluation.is_file() else 1.0
+    # As the export fits it: on the held-out images' logits (one view, as the score sees them).
+    from training.calibration import fit_temperature
+    temperature = fit_temperature(features_and_logits(model, splits.validation.images)[1], splits.validation.labels)
     sets = {}
     for item in args.set:
         name, _, folder = item.partition("=")
         sets[name], _ = load_image_folder(folder)
         print(f"{name}: {len(sets[name])} images from {folder}", file=sys.stderr)
     rows = compare(model, temperature, splits.train, splits.validation, sets)
+    for pair in args.pair:
+        pair_auroc(rows, *pair.split(","))
     table = markdown(rows)
     print(table)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "ood.md").write_text(table + "\n")
-        (out / "ood.json").write_text(json.dumps(rows, indent=2))
+        figures = [{k: v for k, v in row.items() if k != "scores"} for row in rows]
+        (out / "ood.json").write_text(json.dumps({"temperature": temperature, "methods": figures}, indent=2))
 
 
 if __name__ == "__main__":
