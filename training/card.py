@@ -18,8 +18,8 @@ touching its `serving_default` signature: the SavedModel is re-saved with the ex
 into a staging directory, which replaces the version only once its predictions on real test
 images, its signature and its weights are proved identical:
 
-    python -m training.card models/cifar10/2 --config training/results/student/config.json \\
-        --evaluation training/results/student/evaluation/evaluation.json --trained 2026-11-27
+    python -m training.card models/cifar10/2 --config training/results/jpeg-copy/student/config.json \\
+        --evaluation training/results/jpeg-copy/student/evaluation/evaluation.json --trained 2026-11-27
 """
 
 import argparse

@@ -72,20 +72,30 @@ def test_a_card_is_added_to_an_old_version_only_if_it_serves_the_same(tiny, tmp_
     assert any("probabilities differ" in p for p in problems) and any("multiply-adds" in p for p in problems)
 
 
-# Figures from training/results: each version's evaluation report, and `make cost` in student/serving.txt.
-@pytest.mark.parametrize("version,record,accuracy,config,data,cost", [
-    (1, "default/served", 0.931, "default", "CIFAR-10 (JPEG copy)", {"multiply_adds": 2470262976, "parameters": 7412664}),
-    (2, "student/evaluation", 0.8962, "student", "CIFAR-10 (JPEG copy)", {"multiply_adds": 54334624, "parameters": 1124056}),
+# Figures from training/results: each version's evaluation report; the multiply-adds of versions 3
+# and 4 include their out-of-distribution head's (151,296 and 1,188,096).
+OLD_OUTPUTS = {"probabilities": (1, [-1, 10]), "classes": (7, [-1, 10])}
+OOD_OUTPUTS = {**OLD_OUTPUTS, "ood_score": (1, [-1]), "in_distribution": (10, [-1])}
+
+
+@pytest.mark.parametrize("version,record,accuracy,config,data,cost,outputs", [
+    (2, "jpeg-copy/student/evaluation", 0.8962, "student", "CIFAR-10 (JPEG copy)",
+     {"multiply_adds": 54334624, "parameters": 1124056}, OLD_OUTPUTS),
+    (3, "default/evaluation", 0.9557, "default", "CIFAR-10",
+     {"multiply_adds": 2470410432, "parameters": 7412664}, OOD_OUTPUTS),
+    (4, "student/evaluation", 0.9369, "student", "CIFAR-10",
+     {"multiply_adds": 91162912, "parameters": 1531192}, OOD_OUTPUTS),
 ])
-def test_the_shipped_versions_carry_their_cards(version, record, accuracy, config, data, cost):
+def test_the_shipped_versions_carry_their_cards(version, record, accuracy, config, data, cost, outputs):
     export = REPO / "models" / "cifar10" / str(version)
     card = read_card(export)
     assert card == json.loads((export / CARD_FILE).read_text())
     evaluation = json.loads((REPO / "training" / "results" / record / "evaluation.json").read_text())
-    assert card["evaluation"]["accuracy"] == accuracy == evaluation["accuracy"]
+    assert card["evaluation"]["accuracy"] == accuracy == round(evaluation["accuracy"], 4)
     assert card["evaluation"]["ece"] == round(evaluation["ece"], 4)
     assert card["training"]["config"] == config and card["training"]["data"] == data
     assert card["cost_per_image"] == cost
+    assert ("out_of_distribution" in card) == ("ood_score" in outputs)
     contract = signature_contract(export)
     assert contract["inputs"] == {"images": (4, [-1, 32, 32, 3])}  # uint8
-    assert contract["outputs"] == {"probabilities": (1, [-1, 10]), "classes": (7, [-1, 10])}
+    assert contract["outputs"] == outputs
