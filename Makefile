@@ -54,7 +54,7 @@ data: setup ## Get CIFAR-10 into data/ (the official pixels: the lossless copy i
 
 $(DATA_DIR)/cifar-10-batches-py/batches.meta:
 	@if [ -f "$(SHARED_CIFAR)" ]; then $(PY) $(SHARED_CIFAR) $(DATA_DIR); \
-	else $(PY) -m training.data download $(DATA_DIR); fi
+	else $(PY) -m training.recipe.data download $(DATA_DIR); fi
 
 train: setup data ## Train one config: make train CONFIG=base3 EPOCHS=5 [PRECISION=mixed_bfloat16] [BACKEND=jax] [EXPORT=1 serves it]; resumes if killed
 	KERAS_BACKEND=$(BACKEND) $(PY) -m training.train --config $(CONFIG) $(if $(EPOCHS),--epochs $(EPOCHS)) \
@@ -62,30 +62,30 @@ train: setup data ## Train one config: make train CONFIG=base3 EPOCHS=5 [PRECISI
 		--run-dir $(RUN_DIR) $(if $(EXPORT),--export-base $(MODEL_BASE_PATH))
 
 configs: setup ## List the training configurations (the seed's study, fast, default)
-	@$(PY) -m training.configs
+	@$(PY) -m training.recipe.configs
 
 STUDY_DIR ?= runs/study
 study: setup data ## Compare configurations (x seeds) in runs/study/STUDY.md [STUDY_DIR=]: make study EPOCHS=10 [CONFIGS=base1,base3] [SEEDS=0,1,2] [JOBS=2]; resumes, skips finished runs
-	$(PY) -m training.study $(if $(CONFIGS),--configs $(CONFIGS)) $(if $(SEEDS),--seeds $(SEEDS)) \
+	$(PY) -m training.lab.study $(if $(CONFIGS),--configs $(CONFIGS)) $(if $(SEEDS),--seeds $(SEEDS)) \
 		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(JOBS),--jobs $(JOBS)) --data $(DATA_DIR) --out $(STUDY_DIR)
 
 bench-train: setup data ## Time the fast recipe from scratch: wall time and test accuracy per epoch [CONFIG= EPOCHS= PRECISION= BACKEND=]
-	KERAS_BACKEND=$(BACKEND) $(PY) -m training.bench --config $(CONFIG) $(if $(EPOCHS),--epochs $(EPOCHS)) \
+	KERAS_BACKEND=$(BACKEND) $(PY) -m training.lab.bench --config $(CONFIG) $(if $(EPOCHS),--epochs $(EPOCHS)) \
 		$(if $(PRECISION),--precision $(PRECISION)) --data $(DATA_DIR)
 
 export: setup ## Evaluate and export a finished run directory with TensorFlow, whichever backend trained it: make export RUN=runs/default
 	$(if $(RUN),,$(error RUN= is required: make export RUN=runs/<config>))
-	$(PY) -m training.finish $(RUN) --data $(DATA_DIR) --export-base $(MODEL_BASE_PATH)
+	$(PY) -m training.ship.finish $(RUN) --data $(DATA_DIR) --export-base $(MODEL_BASE_PATH)
 
 gpu-bundle: setup data ## A GPU run without network: dist/gpu-bundle (code, wheels) + dist/gpu-data (CIFAR-10 in parts, one per call under the 64 MiB carry limit) [BUNDLE_PYTHON="3.12 3.13"]: ./run.sh CONFIG RUN_DIR there
-	$(PY) -m training.bundle build --out $(BUNDLE) --data-out $(BUNDLE_DATA) --data $(DATA_DIR) \
+	$(PY) -m training.lab.bundle build --out $(BUNDLE) --data-out $(BUNDLE_DATA) --data $(DATA_DIR) \
 		$(if $(BUNDLE_PYTHON),--python $(BUNDLE_PYTHON))
 
 evaluate: setup data ## Evaluation report of an exported model (default: the served, highest version): make evaluate MODEL=models/cifar10/1
-	$(PY) -m training.evaluate --export $(or $(MODEL),$(MODEL_BASE_PATH)/$(shell ls $(MODEL_BASE_PATH) | grep -E '^[0-9]+$$' | sort -n | tail -n 1)) --data $(DATA_DIR)
+	$(PY) -m training.ship.evaluate --export $(or $(MODEL),$(MODEL_BASE_PATH)/$(shell ls $(MODEL_BASE_PATH) | grep -E '^[0-9]+$$' | sort -n | tail -n 1)) --data $(DATA_DIR)
 
 cost: setup ## Serving cost of exported models: multiply-adds, parameters, size, images/s at batch 32 [MODELS="models/cifar10/1 models/cifar10/2"]
-	$(PY) -m training.cost $(or $(MODELS),$(wildcard $(MODEL_BASE_PATH)/[0-9]*))
+	$(PY) -m training.ship.cost $(or $(MODELS),$(wildcard $(MODEL_BASE_PATH)/[0-9]*))
 
 test: setup data ## Run the whole test suite (real redis-server, gunicorn, gRPC, SavedModel)
 	$(PY) -m pytest

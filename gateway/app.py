@@ -172,7 +172,7 @@ WEB_PAGE = Path(__file__).resolve().parent / "static" / "index.html"  # GET /: t
 
 
 def model_card_response(store: redis.Redis, retry_after_s: int) -> Response:
-    """GET /model: the served version's model card (training/card.py), as the workers publish it
+    """GET /model: the served version's model card (training/ship/card.py), as the workers publish it
     after checking the version's contract (worker.main.served_card)."""
     raw_status, raw_card = store.mget(protocol.MODEL_STATUS_KEY, protocol.MODEL_CARD_KEY)
     status = json.loads(raw_status) if raw_status else None

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from training.ood import IMAGE_SUFFIXES, auroc
+from training.ship.ood import IMAGE_SUFFIXES, auroc
 
 
 def answers(url: str, folder: Path, clients: int) -> list[dict]:

@@ -23,7 +23,7 @@ from flask import Flask, jsonify, request
 from keras import layers, regularizers
 from PIL import Image
 
-from training.data import CLASS_NAMES
+from training.recipe.data import CLASS_NAMES
 
 SEED_MEAN, SEED_STD = 120.70756512369792, 64.06097012299574  # rest_api/app.py's normalization
 

@@ -1,4 +1,4 @@
-"""GET /model end to end: the card the export wrote into the SavedModel (training/card.py) reaches
+"""GET /model end to end: the card the export wrote into the SavedModel (training/ship/card.py) reaches
 the gateway, which has no model files, through the model server (a Predict on the version's
 `model_card` signature), a worker and Redis."""
 import json

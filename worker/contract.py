@@ -2,7 +2,7 @@
 
 Checked from GetModelMetadata's `serving_default` signature, once per version: a version that
 answers with other names, types or shapes would fail every request (or worse, answer nonsense),
-so it is not served. The export writes this contract (training/export.py: serving_function).
+so it is not served. The export writes this contract (training/ship/export.py: serving_function).
 """
 import json
 import logging

@@ -137,7 +137,7 @@ class TFServingClient:
 
     def model_card(self, version: int) -> str:
         """The version's model card, a JSON text: Predict on its `model_card` signature, which
-        takes no input (training/card.py writes it)."""
+        takes no input (training/ship/card.py writes it)."""
         request = apis.PredictRequest()
         request.model_spec.name = self.model_name
         request.model_spec.signature_name = CARD_SIGNATURE

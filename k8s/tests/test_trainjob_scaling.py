@@ -18,9 +18,9 @@ from k8s.tests.test_trainjob import COMPLETE, FakeCluster, cronjob, pod
 from k8s.trainjob.__main__ import main as train_main
 from k8s.trainjob import study
 from k8s.trainjob.study import main as study_main
-from training.configs import get_config
-from training.distribute import tf_config_from_job
-from training.study import study_runs
+from training.lab.study import study_runs
+from training.recipe.configs import get_config
+from training.run.distribute import tf_config_from_job
 
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 CONFIGS, SEEDS = ["base1", "base3", "fast"], [0, 1, 2]
@@ -76,7 +76,7 @@ def test_study_job_is_schema_valid_indexed_and_passes_the_policies(overlay):
 def test_each_study_index_runs_the_run_training_study_maps_it_to():
     job = trainjob.study_job(cronjob(), "study-x-1", CONFIGS, SEEDS, parallelism=2)
     c = trainer(job)
-    assert c["command"] == ["python", "-m", "training.study"] and "--index-from-env" in c["args"]
+    assert c["command"] == ["python", "-m", "training.lab.study"] and "--index-from-env" in c["args"]
     configs, seeds = arg(c, "--configs").split(","), [int(s) for s in arg(c, "--seeds").split(",")]
     assert (configs, seeds) == (CONFIGS, SEEDS)
     assert arg(c, "--out") == "/runs/$(JOB_NAME)" and arg(c, "--data") == "/data"
@@ -190,7 +190,7 @@ def test_two_pods_with_8_gpus_each_are_an_indexed_job_behind_a_headless_service(
         assert tf_config["task"] == {"type": "worker", "index": index}
         assert tf_config["cluster"]["worker"] == [f"{name}-{i}.{name}:12345" for i in (0, 1)]
         assert len(f"{name}-{index}") <= 63 and DNS_LABEL.fullmatch(f"{name}-{index}")
-    # All write one run directory (worker 0 only, training.distribute); one export.
+    # All write one run directory (worker 0 only, training.run.distribute); one export.
     assert arg(trainer(job), "--run-dir") == "/runs/$(JOB_NAME)"
     assert arg(trainer(job), "--export-base") == "/models/cifar10"
 

@@ -6,9 +6,9 @@ name; the trainer writes the next integer model version into the model volume an
 picks it up. From the same template:
 - `distributed_job`: one run on several GPUs (MirroredStrategy in one pod) or several pods
   (an Indexed Job + a headless Service; MultiWorkerMirroredStrategy, TF_CONFIG built in each
-  pod by training.distribute from JOB_COMPLETION_INDEX and the pods' DNS names);
+  pod by training.run.distribute from JOB_COMPLETION_INDEX and the pods' DNS names);
 - `study_job`: many independent runs (configurations x seeds) as one Indexed Job, index i
-  being run i of training.study.study_runs, with a retry budget per index.
+  being run i of training.lab.study.study_runs, with a retry budget per index.
 
 Everything here except `Cluster` works on plain dicts and is unit-tested without a cluster.
 """
@@ -33,7 +33,7 @@ TRAIN_JOB_LABEL = "cifar10/train-job"
 COLLECTIVE_LABEL = "cifar10/collective"
 COLLECTIVE_PORT = 12345
 GPU = "nvidia.com/gpu"
-STUDY_COMMAND = ["python", "-m", "training.study"]
+STUDY_COMMAND = ["python", "-m", "training.lab.study"]
 # Reasons a pod can sit in Waiting for good; the Job would otherwise look merely slow.
 STUCK_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName",
                  "CreateContainerConfigError", "CreateContainerError"}
@@ -121,11 +121,11 @@ def distributed_job(cronjob: dict, name: str, config: str, gpus: int = 1, nodes:
     Service] for several. Every pod asks for `gpus` GPUs (and the template's CPU and memory times
     `gpus`); with several pods the Job is Indexed (completions = parallelism = nodes, so all run
     together), each pod's hostname is `<name>-<index>` under the Service `<name>`, and the trainer
-    builds TF_CONFIG from that (training.distribute). All pods share the run directory
+    builds TF_CONFIG from that (training.run.distribute). All pods share the run directory
     /runs/<name>, which only worker 0 writes. A dead worker fails the others' collectives, so the
     backoff budget is the template's times `nodes`: every restart of the group may cost one
     failure per pod. With scale_batch each GPU gets the configuration's batch (global batch x
-    GPUs, learning rate scaled: training.distribute.scaled_for_replicas); without, the
+    GPUs, learning rate scaled: training.run.distribute.scaled_for_replicas); without, the
     configuration's batch is split over the GPUs and the run is the single-GPU run."""
     if gpus < 1 or nodes < 1:
         raise ValueError("gpus and nodes must be at least 1")
@@ -141,8 +141,8 @@ def distributed_job(cronjob: dict, name: str, config: str, gpus: int = 1, nodes:
         for resource, value in list(resources.get(section, {}).items()):
             resources[section][resource] = str(gpus) if resource == GPU else _scale_quantity(value, gpus)
     if scale_batch:
-        from training.configs import get_config
-        from training.distribute import scaled_for_replicas
+        from training.recipe.configs import get_config
+        from training.run.distribute import scaled_for_replicas
         scaled = scaled_for_replicas(get_config(config, epochs=epochs), gpus * nodes)
         trainer["args"] = _with_option(trainer["args"], "--batch-size", str(scaled.batch_size))
         trainer["args"] = _with_option(trainer["args"], "--learning-rate", f"{scaled.learning_rate:g}")
@@ -185,13 +185,13 @@ def distributed_job(cronjob: dict, name: str, config: str, gpus: int = 1, nodes:
 def study_job(cronjob: dict, name: str, configs: list[str], seeds: list[int] | None = None,
               parallelism: int = 1, epochs: int | None = None, retries: int | None = None) -> dict:
     """The study as one Indexed Job: completions = configurations x seeds, index i running
-    `python -m training.study ... --index-from-env`, i.e. run i of training.study.study_runs, in
+    `python -m training.lab.study ... --index-from-env`, i.e. run i of training.lab.study.study_runs, in
     its own directory under /runs/<name>/; `parallelism` runs at once, each pod with the
     template's resources (one GPU in production). A failed index is retried alone, up to
     `retries` times (backoffLimitPerIndex; default the template's backoffLimit), while the
     others go on; pods evicted or preempted (DisruptionTarget) are not counted against it. Every
     finished index rebuilds /runs/<name>/STUDY.md from the results present."""
-    from training.study import study_runs
+    from training.lab.study import study_runs
     runs = study_runs(configs, seeds, "/")  # the one mapping from index to (config, seed, run directory)
     template = copy.deepcopy(cronjob["spec"]["jobTemplate"])
     spec = template["spec"]

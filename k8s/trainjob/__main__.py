@@ -4,7 +4,7 @@
 Creates a training Job from the deployed `trainer` CronJob, follows its logs and exits 0 when
 it completes, 1 when it fails or times out. --gpus N gives the pod N GPUs (MirroredStrategy);
 --nodes M makes it M such pods, an Indexed Job with a headless Service (MultiWorkerMirroredStrategy):
-one run on N x M GPUs (training/distribute.py). --dry-run with --template-file prints the
+one run on N x M GPUs (training/run/distribute.py). --dry-run with --template-file prints the
 manifests without a cluster: kubectl kustomize k8s | python -m k8s.trainjob --dry-run --template-file -
 """
 import argparse
@@ -14,7 +14,7 @@ import sys
 import yaml
 
 from k8s.trainjob import BACKENDS, TEMPLATE, Cluster, distributed_job, follow, job_name
-from training.configs import CONFIGS, PRECISIONS
+from training.recipe.configs import CONFIGS, PRECISIONS
 
 
 def parse_args(argv=None):

@@ -13,7 +13,7 @@ import sys
 
 from k8s.trainjob import TEMPLATE, Cluster, follow_indexed, job_name, study_job
 from k8s.trainjob.__main__ import cronjob_from_file, print_manifests
-from training.configs import CONFIGS, SEED_STUDY
+from training.recipe.configs import CONFIGS, SEED_STUDY
 
 
 def names(text):

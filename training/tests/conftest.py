@@ -26,8 +26,8 @@ def small_data_dir(data_dir, tmp_path_factory):
     with its DATASET.txt: the data for runs on a slice, whose first N images are data_dir's first
     N. Decoding all 60,000 images costs each process a second; this costs nothing. Not for what
     must see the whole of CIFAR-10 (an ensemble's report on the 10,000 test images, the bundle)."""
-    from training.bundle import write_batches
-    from training.data import BATCH_DIR, load_cifar10
+    from training.lab.bundle import write_batches
+    from training.recipe.data import BATCH_DIR, load_cifar10
     train, test = load_cifar10(data_dir)
     out = tmp_path_factory.mktemp("small-data")
     write_batches(out / BATCH_DIR, train.images[:SMALL_TRAIN], train.labels[:SMALL_TRAIN],
@@ -153,7 +153,7 @@ def bundle(data_dir, tmp_path_factory):
     tests that run it (test_backends, test_gpu_session): (bundle folder, manifest, work folder)."""
     import sys
     pytest.importorskip("jax")
-    from training.bundle import build
+    from training.lab.bundle import build
     root = tmp_path_factory.mktemp("bundle")
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     manifest = build(root / "gpu-bundle", root / "gpu-data", data_dir, [version])

@@ -25,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 import numpy as np
-from training.data import load_cifar10
-from training.finish import network_from_run, saved_config
+from training.recipe.data import load_cifar10
+from training.run.rundir import network_from_run, saved_config
 from training.train import main
 data, straight, run, out, go = sys.argv[1:6]
 main(["--config", "tiny", "--data", data, "--run-dir", straight, *sys.argv[6:]])
@@ -98,7 +98,7 @@ def jax_run(bundle, jax_reference):
 
 
 def test_the_bundle_and_its_parts_travel_in_calls_within_the_carry_limit(bundle):
-    from training.bundle import CARRY_LIMIT
+    from training.lab.bundle import CARRY_LIMIT
     out, manifest, _ = bundle
     assert (out / "code/training/train.py").is_file() and (out / "run.sh").is_file()
     assert {w.split("-")[0].lower() for w in manifest["wheels"]} == {"keras", "optree", "namex"}
@@ -146,9 +146,9 @@ def test_the_bundle_trains_under_jax_on_pixels_identical_to_the_data_and_resumes
 
 
 def test_make_export_turns_the_jax_run_into_a_version_that_serves_what_jax_computes(jax_run, data_dir):
-    from training.calibration import softmax
-    from training.data import load_cifar10
-    from training.export import predict_exported
+    from training.ship.calibration import softmax
+    from training.recipe.data import load_cifar10
+    from training.recipe.contract import predict_exported
     root, _ = jax_run
     made = subprocess.run(["make", "-o", "setup", "export", f"RUN={root / 'run'}", f"DATA_DIR={data_dir}",
                            f"MODEL_BASE_PATH={root / 'models'}", f"PY={sys.executable}"], cwd=REPO,
@@ -169,7 +169,7 @@ def test_make_export_turns_the_jax_run_into_a_version_that_serves_what_jax_compu
 
 def test_export_refuses_a_run_that_has_not_finished(jax_run, tmp_path, data_dir):
     import shutil
-    from training.finish import main
+    from training.ship.finish import main
     root, _ = jax_run
     shutil.copytree(root / "run", tmp_path / "run")
     config = json.loads((tmp_path / "run/config.json").read_text())

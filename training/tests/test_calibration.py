@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from training.calibration import (expected_calibration_error, fit_temperature, log_probabilities, nll,
-                                  reliability, softmax, summary)
-from training.data import validation_indexes
+from training.recipe.data import validation_indexes
+from training.recipe.models import log_probabilities
+from training.ship.calibration import expected_calibration_error, fit_temperature, nll, reliability, softmax, summary
 
 
 def sampled(temperature, n=40000, seed=0):

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.card import (CARD_FILE, CARD_SIGNATURE, add_card, build_card, prove_identical, read_card,
-                           signature_contract)
+from training.ship.card import CARD_FILE, CARD_SIGNATURE, add_card, build_card, prove_identical, read_card, signature_contract
 
 REPO = Path(__file__).resolve().parents[2]
 EVALUATION = {"dataset": "CIFAR-10", "images": 256, "accuracy": 0.123456, "ece": 0.0456789,
@@ -19,21 +18,23 @@ EVALUATION = {"dataset": "CIFAR-10", "images": 256, "accuracy": 0.123456, "ece":
 
 @pytest.fixture(scope="module")
 def tiny(small_data_dir):
-    from training.configs import get_config
-    from training.data import load_cifar10
-    from training.models import build_model
+    from training.recipe.configs import get_config
+    from training.recipe.data import load_cifar10
+    from training.recipe.models import build_model
     train, test = load_cifar10(small_data_dir)  # data_dir's first images
     config = get_config("tiny")
     return config, build_model(config, train.images[:1024]), test.images[:300]
 
 
 def test_the_export_carries_the_card_as_a_signature_and_a_file_and_serves_the_same(tiny, tmp_path):
-    from training.cost import multiply_adds, parameters
-    from training.export import export_savedmodel, predict_exported
+    from training.ship.cost import multiply_adds, parameters
+    from training.recipe.contract import predict_exported
+    from training.ship.card import export_with_card
+    from training.ship.export import export_savedmodel
     config, model, images = tiny
     card = build_card(asdict(config), EVALUATION, "2026-11-27")
     plain = export_savedmodel(model, tmp_path / "plain", tta="flip")
-    carded = export_savedmodel(model, tmp_path / "carded", tta="flip", card=card)
+    carded = export_with_card(model, tmp_path / "carded", card, tta="flip")
 
     served = read_card(carded)
     assert served == json.loads((carded / CARD_FILE).read_text())
@@ -55,7 +56,8 @@ def test_the_export_carries_the_card_as_a_signature_and_a_file_and_serves_the_sa
 
 def test_a_card_is_added_to_an_old_version_only_if_it_serves_the_same(tiny, tmp_path):
     import tensorflow as tf
-    from training.export import export_savedmodel, predict_exported
+    from training.recipe.contract import predict_exported
+    from training.ship.export import export_savedmodel
     config, model, images = tiny
     old = export_savedmodel(model, tmp_path, tta="none")
     before = predict_exported(old, images)

@@ -6,8 +6,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from training.data import (BATCH_DIR, TARBALL, CifarDataError, channel_stats, dataset_label,
-                           load_cifar10, locate)
+from training.recipe.data import BATCH_DIR, TARBALL, CifarDataError, channel_stats, dataset_label, load_cifar10, locate
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +136,7 @@ def test_the_cli_reports_errors_without_a_traceback(tmp_path):
     import subprocess
     import sys
     from training.tests.conftest import REPO
-    result = subprocess.run([sys.executable, "-m", "training.data", "stats", str(tmp_path)],
+    result = subprocess.run([sys.executable, "-m", "training.recipe.data", "stats", str(tmp_path)],
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr

@@ -34,9 +34,9 @@ def student(small_data_dir, teacher, tmp_path_factory):
 def test_the_soft_targets_are_the_teachers_served_log_probabilities_before_its_calibration(
         student, teacher, small_data_dir, tmp_path):
     import shutil
-    from training.data import load_cifar10
-    from training.distill import compute_teacher_logits, served_temperature
-    from training.export import predict_exported
+    from training.recipe.data import load_cifar10
+    from training.run.distill import compute_teacher_logits, served_temperature
+    from training.recipe.contract import predict_exported
     root, _ = student
     train, _ = load_cifar10(small_data_dir)
     with np.load(root / "run" / "teacher-logits.npz") as cached:
@@ -72,9 +72,9 @@ def test_a_student_monitors_the_held_out_images_and_the_test_split_only_reports(
 def test_the_export_serves_the_fitted_temperature(student, small_data_dir):
     """The export's probabilities are the report's: same ECE and NLL on the same test images, and
     unlike the uncalibrated ones the report compares them with."""
-    from training.calibration import summary
-    from training.data import load_cifar10
-    from training.export import predict_exported
+    from training.ship.calibration import summary
+    from training.recipe.data import load_cifar10
+    from training.recipe.contract import predict_exported
     root, _ = student
     evaluation = json.loads((root / "run/evaluation/evaluation.json").read_text())
     assert evaluation["temperature"] != pytest.approx(1.0, abs=1e-3)
@@ -95,8 +95,8 @@ def test_kill_9_then_resume_ends_where_an_uninterrupted_student_does(small_data_
 
 def test_the_distillation_loss_mixes_labels_and_the_teachers_softened_targets():
     import keras
-    from training.calibration import softmax
-    from training.distill import Distiller
+    from training.ship.calibration import softmax
+    from training.run.distill import Distiller
     student_logits = np.array([[2.0, 0.5, -1.0] + [0.0] * 7])
     teacher_logits = np.array([[0.0, 3.0, 1.0] + [-1.0] * 7])
     labels = np.eye(10)[[0]]

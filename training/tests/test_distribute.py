@@ -1,4 +1,4 @@
-"""One run on several workers (training/distribute.py), with real collectives: two processes on
+"""One run on several workers (training/run/distribute.py), with real collectives: two processes on
 this machine with TF_CONFIG (free ports), on the CPU, MultiWorkerMirroredStrategy between them.
 
 What is compared: `tiny` for 2 epochs of 16 steps of 64 images, on one process and on two
@@ -26,9 +26,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.configs import get_config
-from training.distribute import (Placement, cluster_from_tf_config, scaled_for_replicas,
-                                 tf_config_from_job)
+from training.recipe.configs import get_config
+from training.run.distribute import Placement, cluster_from_tf_config, scaled_for_replicas, tf_config_from_job
 from training.tests.conftest import REPO
 
 EPOCHS = 2

@@ -9,14 +9,15 @@ import sys
 import numpy as np
 import pytest
 
-from training.export import existing_versions, predict_exported
+from training.recipe.contract import predict_exported
+from training.ship.export import existing_versions
 from training.tests.conftest import REPO, run_training, stop
 
 
 def start_ensemble(*args, log):
     """The ensemble CLI in a fresh process, in the background, its output (both streams) in `log`."""
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "training.ensemble", *map(str, args)], cwd=REPO,
+        return subprocess.Popen([sys.executable, "-m", "training.ship.ensemble", *map(str, args)], cwd=REPO,
                                 stdout=out, stderr=subprocess.STDOUT)
 
 
@@ -32,9 +33,9 @@ def two_runs(tiny_run, small_data_dir, tmp_path_factory):
 
 def test_the_exported_ensemble_serves_the_softmax_of_its_members_mean_logits(two_runs, data_dir):
     import tensorflow as tf
-    from training.data import channel_stats, load_cifar10
-    from training.ensemble import load_member
-    from training.export import averaged_logits
+    from training.recipe.data import channel_stats, load_cifar10
+    from training.ship.ensemble import load_member
+    from training.recipe.models import averaged_logits
     a, b, root = two_runs
     log = root / "ensemble.log"
     cli = start_ensemble(a, b, "--data", data_dir, "--out", root / "out", "--export-base", root / "models", log=log)
@@ -61,7 +62,7 @@ def test_the_exported_ensemble_serves_the_softmax_of_its_members_mean_logits(two
     assert record["members"][0]["config"]["name"] == "tiny"
     assert evaluation["images"] == 10000 and np.sum(evaluation["confusion_matrix"]) == 10000
 
-    from training.card import read_card
+    from training.ship.card import read_card
     card = read_card(root / "models/1")  # what GET /model answers for this version
     assert card["training"]["config"] == "ensemble" and card["evaluation"]["accuracy"] == round(evaluation["accuracy"], 4)
     assert [m["config"] for m in card["training"]["members"]] == ["tiny", "tiny"] and card["cost_per_image"]["multiply_adds"] > 0
@@ -74,9 +75,9 @@ def test_the_exported_ensemble_serves_the_softmax_of_its_members_mean_logits(two
 
 def test_an_unfinished_run_or_a_missing_one_is_refused_by_name(two_runs, small_data_dir, tmp_path):
     """The CLI's main in this process (no TensorFlow start-up per refusal), as test_backends runs
-    training.finish's for an unfinished run: a refusal is sys.exit with the message, which the user
+    training.ship.finish's for an unfinished run: a refusal is sys.exit with the message, which the user
     sees on stderr with exit status 1 and no traceback; any other exception fails pytest.raises."""
-    from training.ensemble import main
+    from training.ship.ensemble import main
     a, b, _ = two_runs
     unfinished = tmp_path / "unfinished"
     shutil.copytree(a, unfinished)

@@ -1,4 +1,4 @@
-"""A GPU session's plan (training/gpu_session.sh, the bundle's session.sh) at toy size on the CPU,
+"""A GPU session's plan (training/lab/gpu_session.sh, the bundle's session.sh) at toy size on the CPU,
 under JAX from the bundle as a GPU machine runs it: the teacher, then a student distilled from
 the teacher's run directory, the port and the study, at once; packed into parts for the trip
 back; unpacked and finished here with TensorFlow."""
@@ -54,8 +54,8 @@ def test_every_part_runs_to_its_end_and_comes_back_without_the_finished_runs_che
 def test_the_student_learned_from_the_teachers_run_what_tensorflow_computes_of_it(session, data_dir):
     """The soft targets JAX computed from the teacher's run directory are the log-softmax of the
     flip-averaged logits that TensorFlow's export of that run serves."""
-    from training.data import load_cifar10
-    from training.distill import run_probabilities
+    from training.recipe.data import load_cifar10
+    from training.run.distill import run_probabilities
     root, back, _, _ = session
     student = json.loads((back / "student-2" / "config.json").read_text())
     assert student["teacher"] == str(root / "runs" / "teacher") and student["epochs"] == 2
@@ -70,7 +70,7 @@ def test_the_student_learned_from_the_teachers_run_what_tensorflow_computes_of_i
 
 def test_a_student_that_came_back_exports_here_with_tensorflow(session, data_dir):
     root, back, _, _ = session
-    result = subprocess.run([sys.executable, "-m", "training.finish", str(back / "student-2"), "--data", str(data_dir),
+    result = subprocess.run([sys.executable, "-m", "training.ship.finish", str(back / "student-2"), "--data", str(data_dir),
                              "--export-base", str(root / "models")], cwd=REPO, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

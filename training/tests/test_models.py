@@ -3,8 +3,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from training.configs import CONFIGS, get_config
-from training.models import build_model, whitening_kernel
+from training.recipe.configs import CONFIGS, get_config
+from training.recipe.models import build_model, whitening_kernel
 
 
 def test_whitening_filters_decorrelate_image_patches():
@@ -61,7 +61,7 @@ def test_unknown_configs_list_the_choices():
 
 
 def test_partial_dirac_init_starts_each_conv_near_the_identity():
-    from training.models import PartialDirac
+    from training.recipe.models import PartialDirac
     kernel = np.asarray(PartialDirac()((3, 3, 16, 48)))
     identity = np.zeros((3, 3, 16, 16))
     identity[1, 1] = np.eye(16)
@@ -72,7 +72,7 @@ def test_partial_dirac_init_starts_each_conv_near_the_identity():
 @pytest.mark.parametrize("tta", ["none", "flip", "flip_translate"])
 def test_test_time_augmentation_averages_the_views_airbench_uses(tta):
     import tensorflow as tf
-    from training.export import averaged_logits
+    from training.recipe.models import averaged_logits
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (6, 32, 32, 3)).astype(np.float32)
     model = build_model(get_config("tiny"), images.astype(np.uint8))
@@ -89,7 +89,7 @@ def test_test_time_augmentation_averages_the_views_airbench_uses(tta):
 
 
 def test_unknown_test_time_augmentation_is_refused():
-    from training.export import serving_function
+    from training.ship.export import serving_function
     with pytest.raises(ValueError, match="choose from none, flip, flip_translate"):
         serving_function(None, "rotate")
 

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from training.ood import METHODS, SHIPPED, Scorer, auroc, fpr_at_95_tpr, threshold
+from training.ship.ood import METHODS, SHIPPED, Scorer, auroc, fpr_at_95_tpr, threshold
 from training.tests.conftest import TINY_SLICE, run_training
 
 
@@ -80,10 +80,10 @@ def exported_with_a_head(small_data_dir, tmp_path_factory):
 
 def test_the_export_serves_the_score_and_its_threshold_in_the_same_call(exported_with_a_head, small_data_dir):
     import tensorflow as tf
-    from training.card import read_card
-    from training.export import SIGNATURE
-    from training.finish import saved_config
-    from training.train import load_splits
+    from training.ship.card import read_card
+    from training.recipe.contract import SIGNATURE
+    from training.run.rundir import saved_config
+    from training.run.loop import load_splits
     root = exported_with_a_head
     card = read_card(root / "models" / "1")
     head = card["out_of_distribution"]

@@ -1,10 +1,10 @@
-"""training.reference's edits for a machine without CUDA, on the lines of airbench94.py they
+"""training.lab.reference's edits for a machine without CUDA, on the lines of airbench94.py they
 edit (quoted from legacy/airbench94.py of KellerJordan/cifar10-airbench: the file itself is not
 part of this project, and PyTorch is not a dev dependency)."""
 
 import pytest
 
-from training.reference import edited
+from training.lab.reference import edited
 
 REFERENCE_LINES = '''import torch
 import torch.nn.functional as F

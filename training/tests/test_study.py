@@ -4,8 +4,8 @@ import subprocess
 import sys
 import time
 
-from training.configs import CONFIGS, SEED_STUDY
-from training.study import RESULT, run_study, study_runs
+from training.lab.study import RESULT, run_study, study_runs
+from training.recipe.configs import CONFIGS, SEED_STUDY
 from training.tests.conftest import REPO, stop
 
 
@@ -22,7 +22,7 @@ def config_rows(table):
 
 
 def test_every_configuration_builds_documented_and_distinct():
-    from training.configs import TrainConfig
+    from training.recipe.configs import TrainConfig
     assert set(SEED_STUDY) <= set(CONFIGS)
     fields = [tuple(v for k, v in c.to_dict().items() if k not in ("name", "description", "reported_accuracy",
                                                                      "reported_epochs"))
@@ -43,7 +43,7 @@ def test_study_indexes_are_config_major_each_in_its_own_directory(tmp_path):
 
 def test_the_whole_seed_study_runs_end_to_end_at_a_small_budget(small_data_dir, tmp_path, capsys):
     names = SEED_STUDY + ["fast"]
-    # Trained as two halves at once: each `python -m training.study` runs its configurations one after
+    # Trained as two halves at once: each `python -m training.lab.study` runs its configurations one after
     # the other in one process, as run_study would in this one; on two cores, where a run is mostly
     # one thread tracing and plotting, that takes two thirds of the time. The whole study then finds
     # every run finished (the results match its settings) and builds its table from them.
@@ -52,7 +52,7 @@ def test_the_whole_seed_study_runs_end_to_end_at_a_small_budget(small_data_dir, 
     halves = []
     for i, half in enumerate((names[:6], names[6:])):
         with open(tmp_path / f"half{i}.log", "w") as log:
-            halves.append(subprocess.Popen([sys.executable, "-m", "training.study", "--configs", ",".join(half),
+            halves.append(subprocess.Popen([sys.executable, "-m", "training.lab.study", "--configs", ",".join(half),
                                             *budget], cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
     try:
         for i, half in enumerate(halves):
@@ -74,7 +74,7 @@ def test_a_parallel_study_runs_each_index_once_reports_mean_and_std_and_skips_fi
                                                                                           tmp_path):
     """make study JOBS=2: two processes, each the command a pod of the Indexed Job runs."""
     out = tmp_path / "study"
-    command = [sys.executable, "-m", "training.study", "--configs", "tiny", "--seeds", "0,1", "--epochs", "2",
+    command = [sys.executable, "-m", "training.lab.study", "--configs", "tiny", "--seeds", "0,1", "--epochs", "2",
                "--train-limit", "512", "--test-limit", "128", "--data", str(small_data_dir), "--out", str(out), "--jobs", "2"]
     first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from training.export import SIGNATURE, existing_versions, predict_exported
+from training.recipe.contract import SIGNATURE, predict_exported
+from training.ship.export import existing_versions
 from training.tests.conftest import TINY_SLICE as SLICE
 from training.tests.conftest import killed_resumed_and_straight, run_training
 
@@ -32,7 +33,7 @@ def test_one_epoch_writes_the_whole_run_directory(tiny_run):
 
 def test_the_export_reloads_and_agrees_with_the_evaluation(tiny_run, small_data_dir):
     import tensorflow as tf
-    from training.data import load_cifar10
+    from training.recipe.data import load_cifar10
     root, _ = tiny_run
     assert existing_versions(root / "models") == [1]
     export = root / "models" / "1"
@@ -54,7 +55,7 @@ def test_the_export_reloads_and_agrees_with_the_evaluation(tiny_run, small_data_
 
 def test_the_export_carries_the_runs_model_card(tiny_run):
     import time
-    from training.card import CARD_FILE, read_card
+    from training.ship.card import CARD_FILE, read_card
     root, _ = tiny_run
     card = read_card(root / "models" / "1")
     assert card == json.loads((root / "models" / "1" / CARD_FILE).read_text())
@@ -69,9 +70,9 @@ def test_the_export_carries_the_runs_model_card(tiny_run):
 
 def test_the_export_stores_each_weight_once(tiny_run, small_data_dir):
     import tensorflow as tf
-    from training.configs import get_config
-    from training.data import load_cifar10
-    from training.models import build_model
+    from training.recipe.configs import get_config
+    from training.recipe.data import load_cifar10
+    from training.recipe.models import build_model
     root, _ = tiny_run
     train, _ = load_cifar10(small_data_dir)
     model = build_model(get_config("tiny"), train.images[:1024])
@@ -82,10 +83,11 @@ def test_the_export_stores_each_weight_once(tiny_run, small_data_dir):
 
 def test_the_export_stores_kernels_in_float16_and_serves_what_the_float32_model_computes(small_data_dir, tmp_path):
     import tensorflow as tf
-    from training.configs import get_config
-    from training.data import load_cifar10
-    from training.export import averaged_logits, export_savedmodel
-    from training.models import build_model
+    from training.recipe.configs import get_config
+    from training.recipe.data import load_cifar10
+    from training.recipe.models import averaged_logits
+    from training.ship.export import export_savedmodel
+    from training.recipe.models import build_model
     train, test = load_cifar10(small_data_dir)
     model = build_model(get_config("tiny"), train.images[:1024])
     export = export_savedmodel(model, tmp_path, tta="flip")
@@ -110,7 +112,7 @@ def test_rerunning_a_finished_run_trains_nothing_and_exports_nothing_new(tiny_ru
 
 def test_a_finished_run_exports_another_tta_choice_once_as_a_new_version(tiny_run, small_data_dir, tmp_path):
     import shutil
-    from training.data import load_cifar10
+    from training.recipe.data import load_cifar10
     root, _ = tiny_run
     for name in ("run", "models"):
         shutil.copytree(root / name, tmp_path / name)
@@ -136,7 +138,7 @@ def test_a_run_directory_refuses_a_different_configuration(tiny_run, small_data_
 
 def test_bfloat16_training_evaluates_and_exports_in_float32(small_data_dir, tmp_path):
     import tensorflow as tf
-    from training.data import load_cifar10
+    from training.recipe.data import load_cifar10
     result = run_training("--config", "tiny", "--precision", "mixed_bfloat16", "--data", small_data_dir,
                           "--run-dir", tmp_path / "run", "--export-base", tmp_path / "models", *SLICE)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -154,8 +156,8 @@ def test_bfloat16_training_evaluates_and_exports_in_float32(small_data_dir, tmp_
 
 def test_a_run_from_before_a_field_existed_resumes_if_the_field_keeps_its_default(tmp_path):
     from dataclasses import asdict
-    from training.configs import get_config
-    from training.train import check_same_config
+    from training.recipe.configs import get_config
+    from training.run.checkpoints import check_same_config
     older = asdict(get_config("tiny"))
     del older["precision"]
     (tmp_path / "config.json").write_text(json.dumps(older))
@@ -182,8 +184,8 @@ def test_kill_9_then_resume_ends_where_an_uninterrupted_run_does(small_data_dir,
 
 def augmented_epochs(split, config, epochs, steps_per_epoch, first_epoch=0):
     """[(images after the augmentation step, their indexes)] per epoch, as training sees them."""
-    from training.augment import Augmentation
-    from training.train import training_batches
+    from training.recipe.augment import Augmentation
+    from training.run.loop import training_batches
     augment = Augmentation(config, split.images)
     batches = training_batches(split, config, first_epoch, steps_per_epoch)
     out = []
@@ -196,8 +198,8 @@ def augmented_epochs(split, config, epochs, steps_per_epoch, first_epoch=0):
 
 def test_alternating_flip_mirrors_each_image_in_every_other_epoch(small_data_dir):
     from dataclasses import replace
-    from training.configs import get_config
-    from training.data import load_cifar10
+    from training.recipe.configs import get_config
+    from training.recipe.data import load_cifar10
     train, _ = load_cifar10(small_data_dir)
     split = train.take(128)
     config = replace(get_config("tiny"), augmentation="crop_alternating_flip", crop_pixels=0, batch_size=64)
@@ -216,8 +218,8 @@ def test_alternating_flip_mirrors_each_image_in_every_other_epoch(small_data_dir
 
 def test_crops_are_reflected_whole_pixel_shifts_and_flips_mirror_about_half(small_data_dir):
     from dataclasses import replace
-    from training.configs import get_config
-    from training.data import load_cifar10
+    from training.recipe.configs import get_config
+    from training.recipe.data import load_cifar10
     train, _ = load_cifar10(small_data_dir)
     split = train.take(64)
     config = replace(get_config("tiny"), augmentation="crop_flip", crop_pixels=2, batch_size=64)
@@ -235,8 +237,8 @@ def test_crops_are_reflected_whole_pixel_shifts_and_flips_mirror_about_half(smal
 
 def test_cutout_hides_one_square_per_image_under_the_mean_pixel_and_a_resume_hides_the_same(small_data_dir):
     from dataclasses import replace
-    from training.configs import get_config
-    from training.data import channel_stats, load_cifar10
+    from training.recipe.configs import get_config
+    from training.recipe.data import channel_stats, load_cifar10
     train, _ = load_cifar10(small_data_dir)
     split = train.take(128)
     config = replace(get_config("tiny"), augmentation="none", cutout=8, batch_size=64)
@@ -258,8 +260,8 @@ def test_cutout_hides_one_square_per_image_under_the_mean_pixel_and_a_resume_hid
 
 def test_the_seed_augmentation_rotates_shifts_and_flips_by_bilinear_sampling():
     from dataclasses import replace
-    from training.augment import Augmentation, bilinear
-    from training.configs import get_config
+    from training.recipe.augment import Augmentation, bilinear
+    from training.recipe.configs import get_config
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (16, 32, 32, 3)).astype(np.float32)
     ys, xs = np.meshgrid(np.arange(32, dtype=np.float32), np.arange(32, dtype=np.float32), indexing="ij")
@@ -278,11 +280,12 @@ def test_the_training_step_compiles_whole_with_every_augmentation(small_data_dir
     """Augmentation runs inside the XLA-compiled step: Keras keeps jit_compile=True, no fallback."""
     import warnings
     from dataclasses import replace
-    from training.augment import Augmentation
-    from training.configs import get_config
-    from training.data import load_cifar10
-    from training.models import build_model
-    from training.train import compile_model, training_batches
+    from training.recipe.augment import Augmentation
+    from training.recipe.configs import get_config
+    from training.recipe.data import load_cifar10
+    from training.recipe.models import build_model
+    from training.run.loop import training_batches
+    from training.run.optimizers import compile_model
     train, _ = load_cifar10(small_data_dir)
     split = train.take(64)
     for augmentation, cutout in (("seed", 0), ("crop_alternating_flip", 8)):
@@ -299,7 +302,7 @@ def test_the_training_step_compiles_whole_with_every_augmentation(small_data_dir
 
 def test_lookahead_averages_every_5_steps_from_the_4th_epoch_and_ends_each_epoch_on_the_average():
     import keras
-    from training.train import Lookahead
+    from training.run.optimizers import Lookahead
     steps_per_epoch, epochs = 4, 7
     rng = np.random.default_rng(0)
     x = rng.normal(size=(8 * steps_per_epoch, 4)).astype("float32")
@@ -329,7 +332,7 @@ def test_lookahead_averages_every_5_steps_from_the_4th_epoch_and_ends_each_epoch
 
 
 def test_onecycle_rises_from_its_start_to_the_peak_then_falls_to_its_end():
-    from training.train import OneCycle
+    from training.run.optimizers import OneCycle
     schedule = OneCycle(2.0, total_steps=100, warmup_fraction=0.25, start=0.2, end=0.1)
     lr = {step: float(schedule(step)) for step in (0, 10, 25, 50, 100)}
     assert lr == pytest.approx({0: 0.4, 10: 0.4 + 1.6 * 10 / 25, 25: 2.0, 50: 0.2 + 1.8 * 50 / 75, 100: 0.2})
@@ -337,7 +340,7 @@ def test_onecycle_rises_from_its_start_to_the_peak_then_falls_to_its_end():
 
 def test_the_whitening_bias_learns_for_its_steps_then_stops_while_the_rest_learns_on():
     import keras
-    from training.train import BiasScaledSGD
+    from training.run.optimizers import BiasScaledSGD
     rng = np.random.default_rng(0)
     x = rng.normal(size=(48, 4, 4, 3)).astype("float32")
     y = rng.normal(size=(48, 1)).astype("float32")
@@ -358,3 +361,22 @@ def test_the_whitening_bias_learns_for_its_steps_then_stops_while_the_rest_learn
     assert all(np.array_equal(bias[2], later) for later in bias[3:]), "then neither gradient, momentum nor decay"
     assert all(not np.allclose(a, b) for a, b in zip(kernel[2:], kernel[3:]))
     assert BiasScaledSGD.from_config(model.optimizer.get_config()).whiten_bias_steps == 3
+
+
+def test_a_run_directory_from_before_the_layout_of_training_resumes_and_exports(small_data_dir, tmp_path):
+    """assets/run-before-the-move: `tiny` trained 2 epochs (256 images held out) by the code before
+    training/ became recipe/, run/, ship/ and lab/ (the layout of commit c5af57f). The same command with a
+    third epoch resumes it and exports it."""
+    import shutil
+    from pathlib import Path
+    old = tmp_path / "run"
+    shutil.copytree(Path(__file__).parent / "assets" / "run-before-the-move", old)
+    result = run_training("--config", "tiny", "--epochs", 3, "--validation-size", 256, *SLICE, "--data", small_data_dir,
+                          "--run-dir", old, "--export-base", tmp_path / "models")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming {old} after epoch 2/3" in result.stdout and "epoch 3:" in result.stdout
+    history = json.loads((old / "state.json").read_text())["history"]
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert existing_versions(tmp_path / "models") == [1]
+    card = json.loads((tmp_path / "models" / "1" / "assets.extra" / "model_card.json").read_text())
+    assert card["training"]["config"] == "tiny" and card["training"]["epochs"] == 3

@@ -13,16 +13,17 @@ CHECK_IMAGES = 16
 
 @pytest.fixture(scope="module")
 def reexported(tmp_path_factory, small_data_dir):
-    from training.data import load_cifar10
-    from training.views import export_views
+    from training.recipe.data import load_cifar10
+    from training.ship.views import export_views
     train, _ = load_cifar10(small_data_dir)  # data_dir's first training images
     base = tmp_path_factory.mktemp("views")
     return {tta: export_views(TEACHER, tta, base, train.images[:CHECK_IMAGES]) for tta in ("none", "flip")}, train
 
 
 def test_one_view_and_its_mirror_average_to_the_flip_export(reexported):
-    from training.calibration import log_probabilities, softmax
-    from training.export import predict_exported
+    from training.recipe.models import log_probabilities
+    from training.ship.calibration import softmax
+    from training.recipe.contract import predict_exported
     exports, train = reexported
     assert [p.name for p in exports.values()] == ["1", "2"]
     images = train.images[100:164]
@@ -33,7 +34,7 @@ def test_one_view_and_its_mirror_average_to_the_flip_export(reexported):
 
 
 def test_each_view_costs_a_sixth_of_the_original(reexported):
-    from training.cost import multiply_adds
+    from training.ship.cost import multiply_adds
     exports, _ = reexported
     full = multiply_adds(TEACHER)
     assert multiply_adds(exports["none"]) * 6 == full
@@ -41,7 +42,7 @@ def test_each_view_costs_a_sixth_of_the_original(reexported):
 
 
 def test_a_flip_export_is_refused_by_name(tiny_run):
-    from training.views import view_functions
+    from training.ship.views import view_functions
     root, _ = tiny_run  # conftest: tiny, exported with its flip TTA
     with pytest.raises(ValueError, match="expected the 6 network calls of a flip_translate export, found 2"):
         view_functions(root / "models" / "1")

@@ -5,6 +5,8 @@ the logits. T leaves every prediction's ranking, hence accuracy, unchanged.
 
 import numpy as np
 
+from training.recipe.models import log_probabilities
+
 ECE_BINS = 15
 
 
@@ -52,11 +54,6 @@ def fit_temperature(logits, labels, low=0.05, high=20.0):
 
 def softmax(logits, temperature=1.0):
     return np.exp(log_softmax(np.asarray(logits, np.float64) / temperature))
-
-
-def log_probabilities(probabilities):
-    """Logits that give back `probabilities` under a softmax (up to float32 underflow)."""
-    return np.log(np.maximum(np.asarray(probabilities, np.float64), 1e-30))
 
 
 def summary(probabilities, labels):

@@ -1,9 +1,9 @@
 """Run configurations x seeds and compare them in a markdown table (mean ± std over seeds), with
 the seed's numbers.
 
-    python -m training.study --configs base1,base2,base3 --seeds 0,1,2 --epochs 20 --out runs/study
+    python -m training.lab.study --configs base1,base2,base3 --seeds 0,1,2 --epochs 20 --out runs/study
         [--jobs 2]                  # as many runs at once, one process each
-    python -m training.study ... --index-from-env   # the run JOB_COMPLETION_INDEX names, alone
+    python -m training.lab.study ... --index-from-env   # the run JOB_COMPLETION_INDEX names, alone
 
 A study is a list of runs, and index i of it is always the same run (`study_runs`): configuration
 i // S, seed i % S of the S seeds, in its own run directory under --out. The Kubernetes Indexed
@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.configs import CONFIGS, SEED_STUDY, get_config
+from training.recipe.configs import CONFIGS, SEED_STUDY, get_config
 
 RESULT = "study-result.json"
 TABLE = "STUDY.md"
@@ -85,7 +85,7 @@ def run_one(run, epochs=None, data="data", train_limit=None, test_limit=None):
     evaluation, history = train(config, data, run.run_dir, train_limit=train_limit, test_limit=test_limit, verbose=0)
     result = {"index": run.index, "config": run.config, "seed": run.seed, "epochs": config.epochs,
               "train_limit": train_limit, "test_limit": test_limit, "epochs_trained": len(history),
-              # None where the backend leaves evaluation to TensorFlow (training.finish)
+              # None where the backend leaves evaluation to TensorFlow (training.ship.finish)
               "test_accuracy": evaluation["accuracy"] if evaluation else None,
               "last_epoch_accuracy": history[-1].get("val_accuracy") if history else None,
               "best_epoch_accuracy": max((row.get("val_accuracy", 0) for row in history), default=None),
@@ -172,7 +172,7 @@ def write_table(runs, out, epochs=None, train_limit=None, test_limit=None):
 # --- running a study ------------------------------------------------------------------------
 
 def index_command(args_for_index):
-    return [sys.executable, "-m", "training.study", *args_for_index, "--index-from-env"]
+    return [sys.executable, "-m", "training.lab.study", *args_for_index, "--index-from-env"]
 
 
 def run_parallel(runs, jobs, cli_args, epochs=None, train_limit=None, test_limit=None):

@@ -1,4 +1,4 @@
-"""Every model of the study is a named configuration; `python -m training.configs` lists them.
+"""Every model of the study is a named configuration; `python -m training.recipe.configs` lists them.
 
 The seed's study (README in ../shared/seed) grows one VGG3 baseline step by step; its reported
 test accuracy is kept beside each configuration so the study table can compare.
@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, replace
 
 
 PRECISIONS = ("float32", "mixed_bfloat16")
-TTA = ("none", "flip", "flip_translate")  # test-time augmentation: training.export runs it
+TTA = ("none", "flip", "flip_translate")  # test-time augmentation: training.ship.export runs it
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ CONFIGS["default_gpu"] = replace(
 # export folds in; the test split only reports. Distillation temperature 4 and weight 0.1 on the
 # labels: Hinton's setting; 2 and labels alone did no better on the held-out images in 3-epoch
 # trials. bfloat16, as fast_bf16 (PRECISION=float32 where there is no AMX or GPU). The targets are
-# the teacher's logits before its calibration (training/distill.py): taught the calibrated ones,
+# the teacher's logits before its calibration (training/run/distill.py): taught the calibrated ones,
 # every student tried here (this one, and airbench96's residual blocks at 48-160-256) fell from 75%
 # held-out accuracy after 2 epochs to 34-47% from the 4th on (training/results/student/trials.md).
 CONFIGS["student"] = replace(
@@ -167,7 +167,7 @@ CONFIGS["student"] = replace(
                 "predictions, single view, 40 epochs, temperature-calibrated on 5,000 held-out images",
     widths=(64, 192, 256), epochs=40, tta="none", validation_size=5000, teacher="models/cifar10/3",
     distill_alpha=0.1, distill_temperature=4.0, precision="mixed_bfloat16")
-# The student of a GPU session (training/gpu_session.sh): the same network, taught by default_gpu's
+# The student of a GPU session (training/lab/gpu_session.sh): the same network, taught by default_gpu's
 # run directory (its flip-and-translate predictions, computed under JAX), holding out the same
 # 5,000 images, so its held-out accuracy and temperature are measured on images neither saw.
 CONFIGS["student_gpu"] = replace(

@@ -1,7 +1,7 @@
 """Benchmark a training recipe from scratch: wall time and test accuracy per epoch.
 
-    python -m training.bench --config fast [--precision mixed_bfloat16] [--targets 0.90,0.94]
-    KERAS_BACKEND=jax python -m training.bench --config default      # a GPU machine with JAX
+    python -m training.lab.bench --config fast [--precision mixed_bfloat16] [--targets 0.90,0.94]
+    KERAS_BACKEND=jax python -m training.lab.bench --config default      # a GPU machine with JAX
 
 Wall time counts training steps only (XLA compilation included); the per-epoch test evaluation
 is reported, not counted, and is never used to steer training. For each target the first epoch
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import keras
 
-from training.configs import CONFIGS, PRECISIONS, get_config
-from training.machine import describe
+from training.recipe.configs import CONFIGS, PRECISIONS, get_config
+from training.ship.machine import describe
 from training.train import train
 
 

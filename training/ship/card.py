@@ -13,12 +13,12 @@ the export, as `make cost` counts them), the training configuration, its date an
 The version number is not in it: a version is its directory's name, and a copy may be served
 under another number (the tests serve the shipped model as version 1).
 
-`python -m training.card` adds a card to a version exported before cards existed, without
+`python -m training.ship.card` adds a card to a version exported before cards existed, without
 touching its `serving_default` signature: the SavedModel is re-saved with the extra signature
 into a staging directory, which replaces the version only once its predictions on real test
 images, its signature and its weights are proved identical:
 
-    python -m training.card models/cifar10/2 --config training/results/jpeg-copy/student/config.json \\
+    python -m training.ship.card models/cifar10/2 --config training/results/jpeg-copy/student/config.json \\
         --evaluation training/results/jpeg-copy/student/evaluation/evaluation.json --trained 2026-11-27
 """
 
@@ -34,9 +34,10 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from training.cost import multiply_adds, parameters
-from training.data import CLASS_NAMES, load_cifar10
-from training.export import INPUT, SIGNATURE, probabilities_in_batches
+from training.recipe.contract import INPUT, SIGNATURE, probabilities_in_batches
+from training.recipe.data import CLASS_NAMES, load_cifar10
+from training.ship.cost import multiply_adds, parameters
+from training.ship.export import serving_archive, write_version
 
 CARD_SIGNATURE = "model_card"
 CARD_OUTPUT = "card"
@@ -47,7 +48,7 @@ def build_card(config: dict, evaluation: dict, trained: str, cost: dict | None =
     """The card from a run's configuration (config.json / asdict(config)), its test evaluation
     report (evaluation.json) and the date training finished (YYYY-MM-DD). `cost` (multiply_adds,
     parameters) is measured on the export; export_savedmodel fills it in. `ood`: the version's
-    out-of-distribution head (training.ood.OodHead): its method, cost, threshold and what it flags."""
+    out-of-distribution head (training.ship.ood.OodHead): its method, cost, threshold and what it flags."""
     card = {
         "classes": list(CLASS_NAMES),
         "description": config["description"],
@@ -83,6 +84,22 @@ def build_card(config: dict, evaluation: dict, trained: str, cost: dict | None =
 def measured_cost(export_dir) -> dict:
     """Per-image cost of the served signature, as `make cost` counts it."""
     return {"multiply_adds": multiply_adds(export_dir), "parameters": parameters(export_dir)}
+
+
+def export_with_card(model, base_path, card: dict | None, version=None, **serving) -> Path:
+    """export.export_savedmodel with the version's `card` (None: a version without one): its
+    `model_card` signature and assets.extra/model_card.json, with the per-image cost measured
+    on the export. `serving`: serving_archive's tta, temperature and ood."""
+    archive = serving_archive(model, **serving)
+
+    def write(path):
+        if card is None:
+            archive.write_out(path, verbose=False)
+            return
+        with tempfile.TemporaryDirectory() as plain:
+            archive.write_out(plain, verbose=False)
+            save_with_card(plain, {**card, "cost_per_image": measured_cost(plain)}, path)
+    return write_version(base_path, write, version)
 
 
 def save_with_card(source_dir, card: dict, out_dir) -> None:

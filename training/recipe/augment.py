@@ -22,7 +22,7 @@ import numpy as np
 import keras
 from keras import ops
 
-from training.data import channel_stats
+from training.recipe.data import channel_stats
 
 AUGMENTATIONS = ("none", "seed", "crop_flip", "crop_alternating_flip")
 SEED_ROTATION_DEGREES, SEED_TRANSLATION = 10.0, 0.1

@@ -2,7 +2,7 @@
 
 Every model takes raw pixels (float 0-255, [N, 32, 32, 3]) and returns logits: preprocessing
 lives inside the model, so the exported graph and the training loop agree. Augmentation is not
-part of it: training/augment.py applies it inside the compiled training step.
+part of it: training/recipe/augment.py applies it inside the compiled training step.
 """
 
 import json
@@ -13,7 +13,7 @@ import numpy as np
 import keras
 from keras import layers
 
-from training.data import channel_stats
+from training.recipe.data import channel_stats
 
 
 def preprocessing_layer(config, mean, std):
@@ -153,6 +153,11 @@ def averaged_logits(model, pixels, tta, first=None):
         padded = ops.pad(pixels, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="reflect")
         logits = (logits + (with_mirror(padded[:, :32, :32]) + with_mirror(padded[:, 2:, 2:])) / 2) / 2
     return logits
+
+
+def log_probabilities(probabilities):
+    """Logits that give back `probabilities` under a softmax (up to float32 underflow)."""
+    return np.log(np.maximum(np.asarray(probabilities, np.float64), 1e-30))
 
 
 # The trained network as a run hands it over: what export needs, from whichever backend trained it.

@@ -4,14 +4,14 @@ soft targets as well as from the labels, so serving cost moves into training tim
 The teacher is an exported SavedModel version (a single run, a TTA export, an ensemble: what it
 serves is what the student learns from), or a finished run directory, whose network is rebuilt by
 the current backend and averaged over the run's TTA views: a GPU machine with JAX and no
-TensorFlow trains a teacher and then its student (training/gpu_session.sh). Its outputs over the
+TensorFlow trains a teacher and then its student (training/lab/gpu_session.sh). Its outputs over the
 un-augmented training images are
 computed once and cached in the run directory; the student then sees them under every crop, flip
 and cutout of that image (on 2 CPU cores a teacher pass per training step would cost more than
 the student's whole step).
 
-    python -m training.distill models/cifar10/1 --data data --out runs/student/teacher-logits.npz
-    python -m training.distill runs/default_gpu --data data --out runs/student_gpu/teacher-logits.npz
+    python -m training.run.distill models/cifar10/1 --data data --out runs/student/teacher-logits.npz
+    python -m training.run.distill runs/default_gpu --data data --out runs/student_gpu/teacher-logits.npz
 """
 
 import argparse
@@ -25,10 +25,10 @@ import numpy as np
 import keras
 from keras import ops
 
-from training.augment import Augmented
-from training.calibration import log_probabilities
-from training.data import load_cifar10
-from training.models import WEIGHTS, averaged_logits
+from training.recipe.augment import Augmented
+from training.recipe.data import load_cifar10
+from training.recipe.models import WEIGHTS, averaged_logits
+from training.recipe.models import log_probabilities
 
 TEACHER_LOGITS = "teacher-logits.npz"
 
@@ -54,7 +54,7 @@ def is_run_directory(teacher):
 def run_probabilities(run_dir, images, batch_size, progress):
     """A finished run's softmax over its TTA views, computed by the current backend, normalizing
     with the statistics of the images it trained on."""
-    from training.finish import network_from_run, saved_config
+    from training.run.rundir import network_from_run, saved_config
     config = saved_config(run_dir)
     model, _ = network_from_run(config, run_dir, images, own_statistics=True)
     pixels = keras.Input((32, 32, 3))
@@ -88,7 +88,7 @@ def compute_teacher_logits(teacher_dir, images, batch_size=1000):
     if is_run_directory(teacher_dir):
         probabilities = run_probabilities(teacher_dir, images, batch_size, progress)
     else:
-        from training.export import predict_exported
+        from training.recipe.contract import predict_exported
         probabilities = predict_exported(teacher_dir, images, batch_size, progress)
         temperature = served_temperature(teacher_dir)
     print(file=sys.stderr)
@@ -117,7 +117,7 @@ class Distiller(Augmented):
     student_T), where _T is a softmax at temperature T (keras-io's knowledge distillation, with
     the teacher's logits arriving beside the labels: y = [one-hot labels | teacher logits]).
     Batches with labels only (validation) are scored on the labels alone. Like any trained model
-    here, the student sees its batches through the augmentation step (training.augment)."""
+    here, the student sees its batches through the augmentation step (training.recipe.augment)."""
 
     def __init__(self, student, alpha, temperature, label_smoothing=0.0, augmentation=None, **kwargs):
         super().__init__(student, augmentation, **kwargs)

@@ -3,7 +3,7 @@ confident mistakes, and calibration (ECE over 15 bins, NLL, reliability diagram)
 robustness check, accuracy and ECE on the same test images after JPEG compression at quality 75
 ("CIFAR-10 test, JPEG q75": the shift that users' uploads carry).
 
-    python -m training.evaluate --export models/cifar10/1 --data data [--out DIR]
+    python -m training.ship.evaluate --export models/cifar10/1 --data data [--out DIR]
 """
 
 import argparse
@@ -12,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from training.calibration import (ECE_BINS, fit_temperature, log_probabilities, reliability, softmax,
-                                  summary)
-from training.data import CLASS_NAMES, JPEG_TEST, dataset_label, jpeg_compressed, load_cifar10
-from training.export import TTA, predict_exported, predict_keras
-from training.plots import plot_confusion_matrix, plot_misclassified, plot_reliability
+from training.recipe.configs import TTA
+from training.recipe.contract import predict_exported
+from training.recipe.data import CLASS_NAMES, JPEG_TEST, dataset_label, jpeg_compressed, load_cifar10
+from training.recipe.models import log_probabilities
+from training.ship.calibration import ECE_BINS, fit_temperature, reliability, softmax, summary
+from training.ship.export import predict_keras
+from training.ship.plots import plot_confusion_matrix, plot_misclassified, plot_reliability
 
 
 def robustness(predict, split):

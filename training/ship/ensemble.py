@@ -1,7 +1,7 @@
 """Average finished runs into one model: the mean of their logits, evaluated and exported with
 the same test-time augmentation and export contract as a single run.
 
-    python -m training.ensemble runs/default runs/default-40ep --data data --out runs/ensemble
+    python -m training.ship.ensemble runs/default runs/default-40ep --data data --out runs/ensemble
         [--tta flip] [--export-base models/cifar10]
 
 Each member is rebuilt in float32 from its run directory as its own export would be (config.json,
@@ -22,10 +22,11 @@ from pathlib import Path
 
 import keras
 
-from training.data import CifarDataError, dataset_label, ensure_cifar10, load_cifar10
-from training.evaluate import report
-from training.export import TTA, export_savedmodel, predict_keras
-from training.finish import finished_meta, network_from_run, saved_config
+from training.recipe.configs import TTA
+from training.recipe.data import CifarDataError, dataset_label, ensure_cifar10, load_cifar10
+from training.run.rundir import finished_meta, network_from_run, saved_config
+from training.ship.evaluate import report
+from training.ship.export import predict_keras
 
 
 def load_member(run_dir, train_images, index):
@@ -45,7 +46,7 @@ def ensemble(members):
 
 def ensemble_card(members, tta, evaluation):
     """The exported ensemble's model card (GET /model): its members' configurations by name."""
-    from training.card import build_card
+    from training.ship.card import build_card  # TensorFlow: imported when an ensemble is exported
     names = [saved["name"] for _, saved in members]
     config = {"name": "ensemble", "description": f"the mean logits of {len(names)} runs: {', '.join(names)}",
               "epochs": max(saved["epochs"] for _, saved in members), "tta": tta}
@@ -76,7 +77,8 @@ def main(argv=None):
     record = {"tta": args.tta, "accuracy": result["accuracy"],
               "members": [{"run": run, "config": saved} for run, (_, saved) in zip(args.runs, members)]}
     if args.export_base:
-        path = export_savedmodel(model, args.export_base, tta=args.tta, card=ensemble_card(members, args.tta, result))
+        from training.ship.card import export_with_card
+        path = export_with_card(model, args.export_base, ensemble_card(members, args.tta, result), tta=args.tta)
         record["export"] = {"path": str(path), "version": int(path.name)}
         print(f"exported {path}")
     (out / "members.json").write_text(json.dumps(record, indent=2))

@@ -1,6 +1,6 @@
 """Evaluate and export a run directory with TensorFlow, whichever backend trained it.
 
-    python -m training.finish RUN_DIR --data data [--export-base models/cifar10] [--tta flip]
+    python -m training.ship.finish RUN_DIR --data data [--export-base models/cifar10] [--tta flip]
     make export RUN=runs/default
 
 A run trained under JAX (on a GPU machine without TensorFlow, say) ends with its weights file,
@@ -14,68 +14,23 @@ trained on: the file records the training images' channel statistics, and they a
 import argparse
 import json
 import sys
-from dataclasses import fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
-import numpy as np
-
-from training.configs import TTA, TrainConfig
-from training.data import CifarDataError, channel_stats, dataset_label
-from training.models import WEIGHTS, build_model, load_network_weights
-
-
-def saved_config(run_dir):
-    """The TrainConfig a run directory's config.json holds."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise ValueError(f"{run_dir} is not a run directory (no config.json)")
-    saved = json.loads(path.read_text())
-    known = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known})
-
-
-def weights_meta(run_dir):
-    """The meta of a run's weights file (epoch, backend, slice, channel statistics); refuses a run
-    without one."""
-    weights = Path(run_dir) / WEIGHTS
-    if not weights.is_file():
-        raise ValueError(f"{weights}: missing; the run has not finished (train it to the end first)")
-    with np.load(weights) as saved:
-        return json.loads(str(saved["meta"]))
-
-
-def finished_meta(run_dir, config):
-    """weights_meta of a run that trained all of config's epochs; refuses one that did not."""
-    meta = weights_meta(run_dir)
-    if meta["epoch"] < config.epochs:
-        raise ValueError(f"{run_dir} is not finished ({meta['epoch']} of {config.epochs} epochs)")
-    return meta
-
-
-def network_from_run(config, run_dir, train_images, own_statistics=False):
-    """The run's trained network, built in float32 by the current backend; and the file's meta.
-    `own_statistics`: normalize with the statistics the run recorded rather than check that
-    `train_images` have them (a teacher labelling other images than it trained on)."""
-    meta = weights_meta(run_dir)
-    statistics = (np.array(meta["mean"]), np.array(meta["std"])) if own_statistics else None
-    model = build_model(replace(config, precision="float32"), train_images, statistics)
-    load_network_weights(model, Path(run_dir) / WEIGHTS)
-    if not own_statistics:
-        mean, std = channel_stats(train_images)
-        if not (np.allclose(mean, meta["mean"], rtol=1e-6) and np.allclose(std, meta["std"], rtol=1e-6)):
-            raise ValueError(f"{run_dir} was trained on other images than these (channel statistics differ); "
-                             "pass the data it was trained on")
-    return model, meta
+from training.recipe.configs import TTA
+from training.recipe.data import CifarDataError, dataset_label
+from training.run.checkpoints import STATE, trained_date, write_atomically
+from training.run.history import draw_history
+from training.run.rundir import finished_meta, network_from_run, saved_config
 
 
 def finish_run(config, run_dir, splits, dataset, export_base=None, ood_val=None):
     """Evaluation report (and, with export_base, a new version, once per TTA choice) of the run's
     weights file; returns the evaluation. A run with a validation split exports with the
-    out-of-distribution head (training.ood): fitted on its training images, its threshold on the
+    out-of-distribution head (training.ship.ood): fitted on its training images, its threshold on the
     held-out ones; `ood_val`, a folder of images none of the ten classes, only reports what it flags."""
-    from training.evaluate import write_evaluation
-    from training.ood import SHIPPED, fit_head, load_image_folder
-    from training.train import STATE, draw_history, export_once
+    from training.ship.evaluate import write_evaluation  # TensorFlow's side
+    from training.ship.ood import SHIPPED, fit_head, load_image_folder
     run_dir = Path(run_dir)
     if not (run_dir / "history.png").is_file() and (run_dir / STATE).is_file():
         draw_history(run_dir, config, json.loads((run_dir / STATE).read_text())["history"])
@@ -91,6 +46,25 @@ def finish_run(config, run_dir, splits, dataset, export_base=None, ood_val=None)
     return evaluation
 
 
+def export_once(model, config, run_dir, export_base, temperature=1.0, evaluation=None, ood=None):
+    """One exported version per run and test-time augmentation: re-running a finished command
+    adds no version; re-running it with another --tta exports that choice as a new version. `ood`:
+    the out-of-distribution head it folds in (training.ship.ood.OodHead)."""
+    record = run_dir / "export.json"
+    exports = json.loads(record.read_text()) if record.exists() else {}
+    if "path" in exports:  # an older record, without its TTA: taken to be the current choice
+        exports = {config.tta: exports}
+    if config.tta in exports:
+        print(f"already exported: {exports[config.tta]['path']}")
+        return
+    from training.ship.card import build_card, export_with_card  # TensorFlow's side
+    card = build_card(asdict(config), evaluation, trained_date(run_dir), ood=ood) if evaluation else None
+    path = export_with_card(model, export_base, card, tta=config.tta, temperature=temperature, ood=ood)
+    exports[config.tta] = {"path": str(path), "version": int(path.name)}
+    write_atomically(record, json.dumps(exports))
+    print(f"exported {path}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
@@ -103,7 +77,7 @@ def main(argv=None):
     import keras
     if keras.backend.backend() != "tensorflow":
         sys.exit("error: export goes through TensorFlow: run with KERAS_BACKEND=tensorflow (the default)")
-    from training.train import load_splits
+    from training.run.loop import load_splits
     run_dir = Path(args.run_dir)
     try:
         config = saved_config(run_dir)

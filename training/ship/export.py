@@ -4,10 +4,10 @@ Contract (the worker depends on it): signature `serving_default`, input `images`
 [N, 32, 32, 3] RGB; outputs `probabilities` float32 [N, 10] (softmax) and `classes` string
 [N, 10] (class names in the order of the probabilities; the batch dimension is kept so TF
 Serving's server-side batching can split the outputs); since the out-of-distribution head
-(training/ood.py), optionally both `ood_score` float32 [N] and `in_distribution` bool [N]. All preprocessing is inside the graph.
+(training/ship/ood.py), optionally both `ood_score` float32 [N] and `in_distribution` bool [N]. All preprocessing is inside the graph.
 Kernels are stored in float16 and computed in float32 (see Float16Kernels); evaluation goes
 through the same function, so it measures the served numbers. A second signature, `model_card`
-(no input, output `card`: a JSON string), carries the model card (training/card.py).
+(no input, output `card`: a JSON string), carries the model card (training/ship/card.py).
 
 Layout: `<base_path>/<integer version>/`, written to a hidden temporary directory first and
 renamed into place, so a server polling base_path never sees a half-written version.
@@ -18,16 +18,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import tensorflow as tf
 import keras
 
-from training.data import CLASS_NAMES
-from training.models import averaged_logits
-from training.ood import with_features
+from training.recipe.configs import TTA
+from training.recipe.contract import INPUT, SIGNATURE, probabilities_in_batches
+from training.recipe.data import CLASS_NAMES
+from training.recipe.models import averaged_logits
+from training.ship.ood import with_features
 
-SIGNATURE = "serving_default"
-INPUT = "images"
 
 
 def existing_versions(base_path):
@@ -39,8 +38,6 @@ def next_version(base_path):
     versions = existing_versions(base_path)
     return versions[-1] + 1 if versions else 1
 
-
-TTA = ("none", "flip", "flip_translate")
 
 
 class Float16Kernels(tf.Module):
@@ -74,7 +71,7 @@ class Float16Kernels(tf.Module):
 def serving_function(model, tta, temperature=1.0, ood=None):
     """uint8 images -> probabilities (softmax of the TTA-averaged logits / temperature) and
     class names. The temperature, fitted on held-out images, makes the probabilities calibrated.
-    With an `ood` head (training.ood.OodHead), also each image's `ood_score` (from its features
+    With an `ood` head (training.ship.ood.OodHead), also each image's `ood_score` (from its features
     and calibrated logits, one view) and `in_distribution` (the score at most the head's threshold)."""
     if tta not in TTA:
         raise ValueError(f"unknown test-time augmentation {tta!r}; choose from {', '.join(TTA)}")
@@ -121,45 +118,24 @@ def write_version(base_path, write, version=None):
     return final
 
 
-def export_savedmodel(model, base_path, version=None, tta="none", temperature=1.0, card=None, ood=None):
-    """Write `model` as version `version` (default: the next integer) under base_path. With a
-    `card` (training.card.build_card), the version also carries it: a `model_card` signature
-    and assets.extra/model_card.json, with the per-image cost measured on the export. With an
-    `ood` head, it also answers `ood_score` and `in_distribution` (serving_function)."""
+def serving_archive(model, tta="none", temperature=1.0, ood=None):
+    """The `serving_default` endpoint of `model`, ready to write out (ExportArchive.write_out)."""
     # Not archive.track(model): the endpoint tracks the variables it uses, and tracking the model
     # as well stores every weight twice.
     archive = keras.export.ExportArchive()
     archive.add_endpoint(SIGNATURE, serving_function(model, tta, temperature, ood),
                          input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8, name=INPUT)])
-
-    def write(path):
-        if card is None:
-            archive.write_out(path, verbose=False)
-            return
-        from training.card import measured_cost, save_with_card  # training.card imports this module
-        with tempfile.TemporaryDirectory() as plain:
-            archive.write_out(plain, verbose=False)
-            save_with_card(plain, {**card, "cost_per_image": measured_cost(plain)}, path)
-    return write_version(base_path, write, version)
+    return archive
 
 
-def probabilities_in_batches(serve, images, batch_size=500, progress=None):
-    """Run a serving function (exported or not) over uint8 images, batch by batch; `progress`, if
-    given, is called with the number of images done after each batch."""
-    out = []
-    for i in range(0, len(images), batch_size):
-        out.append(serve(**{INPUT: tf.constant(images[i:i + batch_size])})["probabilities"].numpy())
-        if progress:
-            progress(i + len(out[-1]))
-    return np.concatenate(out)
+def export_savedmodel(model, base_path, version=None, tta="none", temperature=1.0, ood=None):
+    """Write `model` as version `version` (default: the next integer) under base_path. With an
+    `ood` head, it also answers `ood_score` and `in_distribution` (serving_function). A version
+    with its model card: training.ship.card.export_with_card."""
+    archive = serving_archive(model, tta, temperature, ood)
+    return write_version(base_path, lambda path: archive.write_out(path, verbose=False), version)
 
 
 def predict_keras(model, images, tta, batch_size=500, temperature=1.0):
     """Probabilities from the Keras model through the very function the export serves."""
     return probabilities_in_batches(tf.function(serving_function(model, tta, temperature)), images, batch_size)
-
-
-def predict_exported(export_dir, images, batch_size=500, progress=None):
-    """Probabilities from the exported SavedModel for uint8 images."""
-    serve = tf.saved_model.load(str(export_dir)).signatures[SIGNATURE]
-    return probabilities_in_batches(serve, images, batch_size, progress)

@@ -2,7 +2,7 @@
 (counted in the frozen serving graph, so TTA views are included), parameters, size on disk, and
 model-only throughput at a fixed batch size on this machine.
 
-    python -m training.cost models/cifar10/1 [models/cifar10/2 ...] [--batch 32] [--seconds 10]
+    python -m training.ship.cost models/cifar10/1 [models/cifar10/2 ...] [--batch 32] [--seconds 10]
 """
 
 import argparse
@@ -14,8 +14,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-from training.export import INPUT, SIGNATURE
-from training.machine import describe
+from training.recipe.contract import INPUT, SIGNATURE
+from training.ship.machine import describe
 
 CONV_OPS = {"Conv2D", "DepthwiseConv2dNative"}
 

@@ -9,7 +9,7 @@ search tool's `fetch`) at the pinned commits below, and from the data files
 that ship inside the scikit-image and scikit-learn wheels (SITE_PACKAGES;
 the packages are not imported). numpy + Pillow + standard library only.
 
-    python -m training.ood_sets [--out data]    # then: python -m training.ood RUN_DIR --set NAME=FOLDER ...
+    python -m training.lab.ood_sets [--out data]    # then: python -m training.ship.ood RUN_DIR --set NAME=FOLDER ...
 """
 import argparse
 import csv

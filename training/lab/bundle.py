@@ -1,7 +1,7 @@
 """A portable GPU run: one folder that trains a configuration under JAX on a machine with JAX and
 no network, and whose run directory comes back for `make export`.
 
-    make gpu-bundle                  # = python -m training.bundle build: dist/gpu-bundle + dist/gpu-data/
+    make gpu-bundle                  # = python -m training.lab.bundle build: dist/gpu-bundle + dist/gpu-data/
     # carry both to the GPU machine (the plan it prints says how, in calls under the carry limit), there:
     ./run.sh default /somewhere/runs/default [--epochs 5 ...]   # any training.train option
     # copy /somewhere/runs/default back, then here:
@@ -38,9 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data import BATCH_DIR, TEST_BATCH, TRAIN_BATCHES, load_cifar10
+from training.recipe.data import BATCH_DIR, TEST_BATCH, TRAIN_BATCHES, load_cifar10
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CARRY_LIMIT = 64 * 2**20  # what one call to the GPU machine carries, the working tree included
 MARGIN = 2 * 2**20        # for what the working tree gains between building and carrying
 # Distribution -> the module it provides: the wheels the bundle carries (tested with these versions).
@@ -54,7 +54,7 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x8
 RUN_SH = """#!/bin/sh
 # ./run.sh CONFIG RUN_DIR [training options]: train CONFIG under JAX into RUN_DIR (see MANIFEST.json).
 # Then copy RUN_DIR back and, where TensorFlow is: make export RUN=<that copy>.
-# ./run.sh study OUT [training.study options]: the study's runs; ./run.sh reference OUT AIRBENCH94_PY:
+# ./run.sh study OUT [training.lab.study options]: the study's runs; ./run.sh reference OUT AIRBENCH94_PY:
 # the reference recipe on these images; ./run.sh unpack: install and decode only. ./session.sh: all.
 # The images' parts are read from BUNDLE_DATA (default: gpu-data beside this folder).
 set -eu
@@ -65,14 +65,14 @@ work=${BUNDLE_WORK:-$here/work}
 export PYTHONPATH="$work/site:$here/code" KERAS_BACKEND=jax MPLBACKEND=Agg
 # Several runs can share one GPU: JAX takes memory as it needs it, not 75% up front.
 export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
-PYTHONPATH="$here/code" "$python" -m training.bundle unpack "$here" --data "${BUNDLE_DATA:-$here/../gpu-data}" \\
+PYTHONPATH="$here/code" "$python" -m training.lab.bundle unpack "$here" --data "${BUNDLE_DATA:-$here/../gpu-data}" \\
     --work "$work"
 [ "$1" != unpack ] || exit 0
 [ $# -ge 2 ] || { echo "usage: ./run.sh CONFIG RUN_DIR [training options]" >&2; exit 2; }
 command=$1; out=$2; shift 2
 case $command in
-    study) exec "$python" -m training.study --data "$work/cifar10" --out "$out" "$@" ;;
-    reference) exec "$python" -m training.reference "$@" --data "$work/cifar10" --out "$out" ;;
+    study) exec "$python" -m training.lab.study --data "$work/cifar10" --out "$out" "$@" ;;
+    reference) exec "$python" -m training.lab.reference "$@" --data "$work/cifar10" --out "$out" ;;
     *) exec "$python" -m training.train --config "$command" --data "$work/cifar10" --run-dir "$out" "$@" ;;
 esac
 """
@@ -155,12 +155,14 @@ def build(out, data_out, data_dir, python_versions, part_mb=None, tree_bytes=Non
             if not (folder / marker).is_file():
                 raise ValueError(f"{folder} exists and is not a bundle's: choose another folder")
             shutil.rmtree(folder)
-    (out / "code" / "training").mkdir(parents=True)
-    for source in sorted((REPO / "training").glob("*.py")):
-        shutil.copy2(source, out / "code" / "training" / source.name)
+    for source in sorted((REPO / "training").rglob("*.py")):  # the package's code, its tests left out
+        relative = source.relative_to(REPO)
+        if "tests" not in relative.parts:
+            (out / "code" / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, out / "code" / relative)
     download_wheels(out / "wheels", python_versions)
     (out / "run.sh").write_text(RUN_SH)
-    shutil.copy2(REPO / "training" / "gpu_session.sh", out / "session.sh")
+    shutil.copy2(REPO / "training" / "lab" / "gpu_session.sh", out / "session.sh")
     for script in ("run.sh", "session.sh"):
         (out / script).chmod(0o755)
 

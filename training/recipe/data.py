@@ -1,8 +1,8 @@
 """CIFAR-10 in its official "python version" formats: the tarball (downloaded or local) or its
 extracted `cifar-10-batches-py/` directory.
 
-    python -m training.data download DIR    # official tarball, progress bar, md5 check, cached
-    python -m training.data stats DIR       # shapes, class balance, per-channel mean/std
+    python -m training.recipe.data download DIR    # official tarball, progress bar, md5 check, cached
+    python -m training.recipe.data stats DIR       # shapes, class balance, per-channel mean/std
 """
 
 import argparse
@@ -132,7 +132,7 @@ def locate(source) -> Path:
         if (candidate.is_dir() and (candidate / "batches.meta").exists()) or candidate.is_file():
             return candidate
     raise CifarDataError(f"{path}: no {BATCH_DIR}/ or {TARBALL} here; "
-                         f"run `python -m training.data download {path}` or `make data`")
+                         f"run `python -m training.recipe.data download {path}` or `make data`")
 
 
 def load_cifar10(source):

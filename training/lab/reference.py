@@ -3,8 +3,8 @@ and tested on the data the port uses (the JPEG copy here), to tell the data's sh
 between the port and the published 94.0% from the port's own (README "Backends and GPU runs").
 A measurement on a GPU machine with PyTorch; the reference file is not part of the project.
 
-    python -m training.reference airbench94.py --data data --out runs/reference
-    python -m training.reference airbench94.py --cpu --runs 1   # no GPU: float32 on the CPU, 1 run
+    python -m training.lab.reference airbench94.py --data data --out runs/reference
+    python -m training.lab.reference airbench94.py --cpu --runs 1   # no GPU: float32 on the CPU, 1 run
 
 --cpu runs a copy edited only where the reference names CUDA or float16 (CPU_EDITS: its data and
 network in float32 on the CPU, a wall clock for its CUDA timers), and --runs sets how many of its
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data import CLASS_NAMES, dataset_label, load_cifar10
+from training.recipe.data import CLASS_NAMES, dataset_label, load_cifar10
 
 TORCHVISION_STAND_IN = {
     "__init__.py": "from . import transforms  # noqa: F401\n",

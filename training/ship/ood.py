@@ -1,7 +1,7 @@
 """Is an upload one of the ten classes at all? Out-of-distribution scores, higher meaning less like
 the training images, computed in the exported graph beside the probabilities (one Predict call).
 
-Scores compared (`python -m training.ood compare`, docs/ood.md):
+Scores compared (`python -m training.ship.ood RUN_DIR --set NAME=FOLDER`, docs/ood.md):
 - msp: 1 - the top softmax probability (Hendrycks & Gimpel 2017), the baseline;
 - energy: -logsumexp of the logits (Liu et al. 2020);
 - mahalanobis: the squared Mahalanobis distance of the penultimate features to the nearest class
@@ -289,8 +289,8 @@ def main(argv=None):
                         help="also the AUROC of set OUT against set IN, e.g. out-of-class photos against in-class ones")
     parser.add_argument("--out", help="write the table (markdown) and the figures (JSON) here")
     args = parser.parse_args(argv)
-    from training.finish import finished_meta, network_from_run, saved_config
-    from training.train import load_splits
+    from training.run.rundir import finished_meta, network_from_run, saved_config
+    from training.run.loop import load_splits
     config = saved_config(args.run_dir)
     if not config.validation_size:
         sys.exit(f"error: {args.run_dir} holds no training images out; the threshold needs them")
@@ -298,7 +298,7 @@ def main(argv=None):
     splits = load_splits(config, args.data, meta.get("train_limit"), meta.get("test_limit"))
     model, _ = network_from_run(config, args.run_dir, splits.train.images)
     # As the export fits it: on the held-out images' logits (one view, as the score sees them).
-    from training.calibration import fit_temperature
+    from training.ship.calibration import fit_temperature
     temperature = fit_temperature(features_and_logits(model, splits.validation.images)[1], splits.validation.labels)
     sets = {}
     for item in args.set:

@@ -7,7 +7,7 @@ graph, keeps the calls the chosen TTA needs, and exports them under the same con
 version. Before writing, it rebuilds the six-view average from the kept subgraphs and checks it
 against what the original serves, so a graph it does not understand is refused, not mangled.
 
-    python -m training.views models/cifar10/1 --tta none --export-base models/teacher
+    python -m training.ship.views models/cifar10/1 --tta none --export-base models/teacher
 """
 
 import argparse
@@ -18,11 +18,13 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-from training.data import CLASS_NAMES, load_cifar10
-from training.export import INPUT, SIGNATURE, TTA, predict_exported, write_version
+from training.recipe.configs import TTA
+from training.recipe.contract import INPUT, SIGNATURE, predict_exported
+from training.recipe.data import CLASS_NAMES, load_cifar10
+from training.ship.export import write_version
 
 # Keras names the k-th call of the model's last layer logits_<2k-1> in the traced graph; a version
-# re-saved with its model card (training/card.py) nests it in one more StatefulPartitionedCall.
+# re-saved with its model card (training/ship/card.py) nests it in one more StatefulPartitionedCall.
 LOGITS = re.compile(r"^(?:StatefulPartitionedCall/)+logits_(\d+)/add$")
 
 

@@ -1,6 +1,4 @@
-"""PNG figures for a run: learning curves, confusion matrix, misclassified images."""
-
-import textwrap
+"""PNG figures of an evaluation: confusion matrix, misclassified images, reliability diagram."""
 
 import matplotlib
 
@@ -8,26 +6,7 @@ matplotlib.use("Agg")  # files only: training runs headless
 import matplotlib.pyplot as plt
 import numpy as np
 
-from training.data import CLASS_NAMES
-
-
-def plot_history(history, path, title="", monitored="test"):
-    """Train and test (or validation) loss and accuracy per epoch, as in the seed's plots."""
-    if not history:
-        return
-    epochs = [row["epoch"] for row in history]
-    fig, (loss_ax, acc_ax) = plt.subplots(2, 1, figsize=(8, 8), sharex=True)
-    for ax, metric in ((loss_ax, "loss"), (acc_ax, "accuracy")):
-        ax.plot(epochs, [row[metric] for row in history], color="tab:blue", label="train")
-        ax.plot(epochs, [row.get(f"val_{metric}", np.nan) for row in history], color="tab:orange", label=monitored)
-        ax.set_title(f"{'Cross entropy loss' if metric == 'loss' else 'Classification accuracy'}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    acc_ax.set_xlabel("epoch")
-    fig.suptitle(textwrap.fill(title, 110), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+from training.recipe.data import CLASS_NAMES
 
 
 def plot_confusion_matrix(matrix, path):
