@@ -81,10 +81,10 @@ gpu-bundle: setup data ## A GPU run without network: dist/gpu-bundle (code, whee
 	$(PY) -m training.lab.bundle build --out $(BUNDLE) --data-out $(BUNDLE_DATA) --data $(DATA_DIR) \
 		$(if $(BUNDLE_PYTHON),--python $(BUNDLE_PYTHON))
 
-evaluate: setup data ## Evaluation report of an exported model (default: the served, highest version): make evaluate MODEL=models/cifar10/1
+evaluate: setup data ## Evaluation report of an exported model (default: the served, highest version): make evaluate MODEL=models/cifar10/3
 	$(PY) -m training.ship.evaluate --export $(or $(MODEL),$(MODEL_BASE_PATH)/$(shell ls $(MODEL_BASE_PATH) | grep -E '^[0-9]+$$' | sort -n | tail -n 1)) --data $(DATA_DIR)
 
-cost: setup ## Serving cost of exported models: multiply-adds, parameters, size, images/s at batch 32 [MODELS="models/cifar10/1 models/cifar10/2"]
+cost: setup ## Serving cost of exported models: multiply-adds, parameters, size, images/s at batch 32 [MODELS="models/cifar10/3 models/cifar10/4"]
 	$(PY) -m training.ship.cost $(or $(MODELS),$(wildcard $(MODEL_BASE_PATH)/[0-9]*))
 
 test: setup data ## Run the whole test suite (real redis-server, gunicorn, gRPC, SavedModel)

@@ -85,7 +85,9 @@ def test_metadata_describes_the_serving_signature(channel):
     response.metadata["signature_def"].Unpack(signatures)
     serving = signatures.signature_def["serving_default"]
     assert serving.inputs["images"].dtype == 4  # DT_UINT8
-    assert set(serving.outputs) == {"probabilities", "classes"}
+    # The shipped version folds in the out-of-distribution head (docs/ood.md).
+    assert set(serving.outputs) == {"probabilities", "classes", "ood_score", "in_distribution"}
+    assert serving.outputs["in_distribution"].dtype == 10  # DT_BOOL
     assert response.model_spec.version.value == 1
 
 
@@ -125,7 +127,7 @@ def test_the_served_signature_meets_the_workers_contract(client):
 
 
 @pytest.mark.parametrize("breakage, problem", [
-    (lambda s: s.outputs.pop("probabilities"), "no output 'probabilities' (has classes)"),
+    (lambda s: s.outputs.pop("probabilities"), "no output 'probabilities' (has classes, in_distribution, ood_score)"),
     (lambda s: setattr(s.inputs["images"], "dtype", 1), "input 'images' is float32 [-1, 32, 32, 3], expected uint8"),
     (lambda s: s.outputs["probabilities"].tensor_shape.dim[1].__setattr__("size", 100),
      "output 'probabilities' is float32 [-1, 100], expected float32 [-1, 10]"),

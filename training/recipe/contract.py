@@ -2,6 +2,9 @@
 uint8 [N, 32, 32, 3] RGB, and answers `probabilities` [N, 10] (training.ship.export writes it);
 what a teacher's or an evaluation's predictions go through."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import tensorflow as tf
 
@@ -24,3 +27,9 @@ def predict_exported(export_dir, images, batch_size=500, progress=None):
     """Probabilities from the exported SavedModel for uint8 images."""
     serve = tf.saved_model.load(str(export_dir)).signatures[SIGNATURE]
     return probabilities_in_batches(serve, images, batch_size, progress)
+
+
+def served_temperature(export_dir):
+    """The softmax temperature a version divides its logits by (its model card's; 1 without one)."""
+    card = Path(export_dir) / "assets.extra" / "model_card.json"
+    return json.loads(card.read_text())["training"].get("temperature", 1.0) if card.is_file() else 1.0

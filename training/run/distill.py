@@ -10,13 +10,12 @@ computed once and cached in the run directory; the student then sees them under 
 and cutout of that image (on 2 CPU cores a teacher pass per training step would cost more than
 the student's whole step).
 
-    python -m training.run.distill models/cifar10/1 --data data --out runs/student/teacher-logits.npz
+    python -m training.run.distill models/cifar10/3 --data data --out runs/student/teacher-logits.npz
     python -m training.run.distill runs/default_gpu --data data --out runs/student_gpu/teacher-logits.npz
 """
 
 import argparse
 import hashlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -66,12 +65,6 @@ def run_probabilities(run_dir, images, batch_size, progress):
     return served.predict(images.astype("float32"), batch_size=batch_size, verbose=0, callbacks=[Progress()])
 
 
-def served_temperature(teacher_dir):
-    """The softmax temperature an exported version folds in (its model card's; 1 without one)."""
-    card = Path(teacher_dir) / "assets.extra" / "model_card.json"
-    return json.loads(card.read_text())["training"].get("temperature", 1.0) if card.is_file() else 1.0
-
-
 def compute_teacher_logits(teacher_dir, images, batch_size=1000):
     """The teacher's logits before calibration, up to a per-image constant, which no softmax sees:
     the log of its probabilities, times the temperature an exported version divides its logits by.
@@ -88,7 +81,7 @@ def compute_teacher_logits(teacher_dir, images, batch_size=1000):
     if is_run_directory(teacher_dir):
         probabilities = run_probabilities(teacher_dir, images, batch_size, progress)
     else:
-        from training.recipe.contract import predict_exported
+        from training.recipe.contract import predict_exported, served_temperature
         probabilities = predict_exported(teacher_dir, images, batch_size, progress)
         temperature = served_temperature(teacher_dir)
     print(file=sys.stderr)

@@ -2,7 +2,7 @@
 (counted in the frozen serving graph, so TTA views are included), parameters, size on disk, and
 model-only throughput at a fixed batch size on this machine.
 
-    python -m training.ship.cost models/cifar10/1 [models/cifar10/2 ...] [--batch 32] [--seconds 10]
+    python -m training.ship.cost models/cifar10/3 [models/cifar10/4 ...] [--batch 32] [--seconds 10]
 """
 
 import argparse

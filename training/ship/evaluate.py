@@ -3,7 +3,7 @@ confident mistakes, and calibration (ECE over 15 bins, NLL, reliability diagram)
 robustness check, accuracy and ECE on the same test images after JPEG compression at quality 75
 ("CIFAR-10 test, JPEG q75": the shift that users' uploads carry).
 
-    python -m training.ship.evaluate --export models/cifar10/1 --data data [--out DIR]
+    python -m training.ship.evaluate --export models/cifar10/3 --data data [--out DIR]
 """
 
 import argparse

@@ -7,7 +7,7 @@ graph, keeps the calls the chosen TTA needs, and exports them under the same con
 version. Before writing, it rebuilds the six-view average from the kept subgraphs and checks it
 against what the original serves, so a graph it does not understand is refused, not mangled.
 
-    python -m training.ship.views models/cifar10/1 --tta none --export-base models/teacher
+    python -m training.ship.views models/cifar10/3 --tta none --export-base models/teacher
 """
 
 import argparse
@@ -19,7 +19,7 @@ import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
 from training.recipe.configs import TTA
-from training.recipe.contract import INPUT, SIGNATURE, predict_exported
+from training.recipe.contract import INPUT, SIGNATURE, predict_exported, served_temperature
 from training.recipe.data import CLASS_NAMES, load_cifar10
 from training.ship.export import write_version
 
@@ -50,21 +50,25 @@ def combine(views, tta):
 
 
 class Views(tf.Module):
-    def __init__(self, views, tta):
+    """Fewer views, divided by the original's temperature (fitted on six views: close enough to
+    keep a calibrated version calibrated, not refitted). No out-of-distribution head: it is fitted
+    on one network's features, which a views export does not keep as an output."""
+    def __init__(self, views, tta, temperature):
         super().__init__()
         self.views = views[:1] if tta == "none" else views[:2] if tta == "flip" else views
-        self.tta = tta
+        self.tta, self.temperature = tta, temperature
 
     @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8, name=INPUT)])
     def serve(self, images):
-        logits = combine([view(images) for view in self.views], self.tta)
+        logits = combine([view(images) for view in self.views], self.tta) / self.temperature
         return {"probabilities": tf.nn.softmax(logits),
                 "classes": tf.tile(tf.constant(CLASS_NAMES)[tf.newaxis], [tf.shape(images)[0], 1])}
 
 
 def check_views(views, export_dir, images):
     """The six kept subgraphs must give back what the original export serves."""
-    rebuilt = tf.nn.softmax(combine([view(tf.constant(images)) for view in views], "flip_translate")).numpy()
+    logits = combine([view(tf.constant(images)) for view in views], "flip_translate")
+    rebuilt = tf.nn.softmax(logits / served_temperature(export_dir)).numpy()
     served = predict_exported(export_dir, images)
     if not np.allclose(rebuilt, served, atol=1e-5):
         raise ValueError(f"{export_dir}: the network calls found do not rebuild its served probabilities "
@@ -74,7 +78,7 @@ def check_views(views, export_dir, images):
 def export_views(export_dir, tta, base_path, check_images):
     views = view_functions(export_dir)
     check_views(views, export_dir, check_images)
-    module = Views(views, tta)
+    module = Views(views, tta, served_temperature(export_dir))
     return write_version(base_path, lambda path: tf.saved_model.save(module, path, signatures={SIGNATURE: module.serve}))
 
 

@@ -35,8 +35,8 @@ def test_the_soft_targets_are_the_teachers_served_log_probabilities_before_its_c
         student, teacher, small_data_dir, tmp_path):
     import shutil
     from training.recipe.data import load_cifar10
-    from training.run.distill import compute_teacher_logits, served_temperature
-    from training.recipe.contract import predict_exported
+    from training.recipe.contract import predict_exported, served_temperature
+    from training.run.distill import compute_teacher_logits
     root, _ = student
     train, _ = load_cifar10(small_data_dir)
     with np.load(root / "run" / "teacher-logits.npz") as cached:

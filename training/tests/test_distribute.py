@@ -39,7 +39,8 @@ import os, sys
 from dataclasses import replace
 import keras
 import training.train as train
-get_config, build_model = train.get_config, train.build_model
+import training.run.loop as loop
+get_config, build_model = train.get_config, loop.build_model
 train.get_config = lambda *args, **kwargs: replace(get_config(*args, **kwargs), crop_pixels=0)
 
 def build_synchronized(*args, **kwargs):
@@ -50,7 +51,7 @@ def build_synchronized(*args, **kwargs):
     return model
 
 if os.environ.get("SYNC_BATCHNORM"):
-    train.build_model = build_synchronized
+    loop.build_model = build_synchronized
 train.main(sys.argv[1:])
 """
 # Per epoch: (train loss, test loss) tolerance between one process and two workers. The two sum

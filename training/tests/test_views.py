@@ -5,7 +5,7 @@ import pytest
 
 from training.tests.conftest import REPO
 
-TEACHER = REPO / "models" / "cifar10" / "1"
+TEACHER = REPO / "models" / "cifar10" / "3"
 # Images export_views rebuilds the original's six-view probabilities on before it writes: a graph
 # it misreads differs on every image. (The CLI checks 64; each costs six passes of the shipped net.)
 CHECK_IMAGES = 16
@@ -37,8 +37,9 @@ def test_each_view_costs_a_sixth_of_the_original(reexported):
     from training.ship.cost import multiply_adds
     exports, _ = reexported
     full = multiply_adds(TEACHER)
-    assert multiply_adds(exports["none"]) * 6 == full
-    assert multiply_adds(exports["flip"]) * 3 == full
+    # The original also runs its out-of-distribution head (under 0.01% of it), which views drop.
+    assert multiply_adds(exports["none"]) * 6 == multiply_adds(exports["flip"]) * 3 == pytest.approx(full, rel=1e-4)
+    assert multiply_adds(exports["none"]) * 6 < full
 
 
 def test_a_flip_export_is_refused_by_name(tiny_run):
