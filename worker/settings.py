@@ -29,7 +29,10 @@ class Settings:
             tfserving_address=env_str("TFSERVING_ADDRESS", f"localhost:{env_int('TFSERVING_GRPC_PORT')}"),
             model_name=env_str("MODEL_NAME"),
             max_batch_size=env_int("MAX_BATCH_SIZE", 32),
-            max_batch_wait_ms=env_int("MAX_BATCH_WAIT_MS", 2),
+            # 0: batches form from the backlog that builds while a Predict call runs (about 9 jobs
+            # each at 32 clients either way); waiting 2 ms for more only added 3-4 ms at 1 client
+            # (bench-serve A/B, docs/serving.md).
+            max_batch_wait_ms=env_int("MAX_BATCH_WAIT_MS", 0),
             grpc_timeout_s=env_float("GRPC_TIMEOUT_S", 5.0),
             grpc_retries=env_int("GRPC_RETRIES", 3),
             metrics_port=env_int("WORKER_METRICS_PORT"),
