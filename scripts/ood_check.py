@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from training.ship.ood import IMAGE_SUFFIXES, auroc
+from training.ship.ood import auroc, image_files
 
 
 def answers(url: str, folder: Path, clients: int) -> list[dict]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(folder)
 
     def ask(path: Path) -> dict:
         response = requests.post(f"{url}/predict", files={"image": (path.name, path.read_bytes())}, timeout=60)

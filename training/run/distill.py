@@ -26,8 +26,7 @@ from keras import ops
 
 from training.recipe.augment import Augmented
 from training.recipe.data import load_cifar10
-from training.recipe.models import WEIGHTS, averaged_logits
-from training.recipe.models import log_probabilities
+from training.recipe.models import WEIGHTS, averaged_logits, log_probabilities
 
 TEACHER_LOGITS = "teacher-logits.npz"
 

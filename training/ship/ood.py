@@ -214,13 +214,18 @@ def fit_head(method, model, train, validation, temperature=1.0, ood_images=None)
 
 # --- choosing a method on images from files ---------------------------------------------------
 
+def image_files(folder):
+    """Every file under `folder` whose suffix names an image format, in a stable order."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def load_image_folder(folder, max_pixels=40_000_000):
     """Every image file under `folder`, as the worker preprocesses an upload: (uint8 [N,32,32,3],
     their paths relative to folder); files the worker would refuse are skipped."""
     from worker.preprocess import ImageError, preprocess
     folder = Path(folder)
     pixels, names = [], []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+    for path in image_files(folder):
         try:
             pixels.append(preprocess(path.read_bytes(), max_pixels))
         except ImageError:

@@ -50,9 +50,9 @@ def combine(views, tta):
 
 
 class Views(tf.Module):
-    """Fewer views, divided by the original's temperature (fitted on six views: close enough to
-    keep a calibrated version calibrated, not refitted). No out-of-distribution head: it is fitted
-    on one network's features, which a views export does not keep as an output."""
+    """Fewer views, their logits divided by the original's temperature (fitted on its six views;
+    not refitted for fewer). No out-of-distribution head: it is fitted on one network's features,
+    which a views export does not keep as an output."""
     def __init__(self, views, tta, temperature):
         super().__init__()
         self.views = views[:1] if tta == "none" else views[:2] if tta == "flip" else views
@@ -65,10 +65,10 @@ class Views(tf.Module):
                 "classes": tf.tile(tf.constant(CLASS_NAMES)[tf.newaxis], [tf.shape(images)[0], 1])}
 
 
-def check_views(views, export_dir, images):
+def check_views(views, export_dir, temperature, images):
     """The six kept subgraphs must give back what the original export serves."""
     logits = combine([view(tf.constant(images)) for view in views], "flip_translate")
-    rebuilt = tf.nn.softmax(logits / served_temperature(export_dir)).numpy()
+    rebuilt = tf.nn.softmax(logits / temperature).numpy()
     served = predict_exported(export_dir, images)
     if not np.allclose(rebuilt, served, atol=1e-5):
         raise ValueError(f"{export_dir}: the network calls found do not rebuild its served probabilities "
@@ -76,9 +76,9 @@ def check_views(views, export_dir, images):
 
 
 def export_views(export_dir, tta, base_path, check_images):
-    views = view_functions(export_dir)
-    check_views(views, export_dir, check_images)
-    module = Views(views, tta, served_temperature(export_dir))
+    views, temperature = view_functions(export_dir), served_temperature(export_dir)
+    check_views(views, export_dir, temperature, check_images)
+    module = Views(views, tta, temperature)
     return write_version(base_path, lambda path: tf.saved_model.save(module, path, signatures={SIGNATURE: module.serve}))
 
 
