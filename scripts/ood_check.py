@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from training.ship.ood import auroc, image_files
+from training.recipe.images import image_files
+from training.ship.ood import auroc
 
 
 def answers(url: str, folder: Path, clients: int) -> list[dict]:

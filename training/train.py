@@ -88,6 +88,12 @@ def parse_args(argv=None):
     parser.add_argument("--teacher", help="distil from this exported SavedModel version (default: the configuration's)")
     parser.add_argument("--distill-alpha", type=float, help="weight of the hard-label loss when distilling")
     parser.add_argument("--distill-temperature", type=float, help="softmax temperature of the distillation loss")
+    parser.add_argument("--outliers", help="outlier exposure: a folder of images of none of the ten classes "
+                        "(default: the configuration's; data/outliers is built by python -m training.lab.ood_sets)")
+    parser.add_argument("--outlier-photos", help="photos of the ten classes to join the outliers, one folder per "
+                        "class name (default: the configuration's; \"\" for none)")
+    parser.add_argument("--outlier-batch", type=int, help="outliers (and photos) added to every training batch")
+    parser.add_argument("--outlier-weight", type=float, help="weight of the outliers' loss")
     parser.add_argument("--train-limit", type=int, help="train on the first N training images only")
     parser.add_argument("--test-limit", type=int, help="evaluate on the first N test images only")
     parser.add_argument("--deterministic", action="store_true", help="deterministic TF ops (slower)")
@@ -104,7 +110,9 @@ def main(argv=None):
     config = get_config(args.config, epochs=args.epochs, batch_size=args.batch_size,
                         learning_rate=args.learning_rate, tta=args.tta, precision=args.precision,
                         validation_size=args.validation_size, teacher=args.teacher, distill_alpha=args.distill_alpha,
-                        distill_temperature=args.distill_temperature)
+                        distill_temperature=args.distill_temperature, outliers=args.outliers,
+                        outlier_photos=args.outlier_photos, outlier_batch=args.outlier_batch,
+                        outlier_weight=args.outlier_weight)
     try:
         placement = from_environment()  # several GPUs, or TF_CONFIG's workers: one run over all of them
         print(f"placement: {placement.describe()}", flush=True)

@@ -3,6 +3,11 @@
 Set A, "choosing" set (OOD validation):  data/ood-val/<source>/...
 Set B, "checking" set (ImageNet samples): data/ood-check/{in/<cifar_class>,out}/...
                                           + data/ood-check/mapping.csv
+Set C, training outliers (outlier exposure): data/outliers/<source>/<class>/...
+                                          + data/outliers/manifest.csv
+
+The three share no source: the outliers a network is trained to reject (set C) are neither the
+images a method is chosen on (A) nor the photos it is checked on (B), and none is from ImageNet.
 
 Inputs are read only from bare git mirrors under MIRROR (made with the
 search tool's `fetch`) at the pinned commits below, and from the data files
@@ -237,6 +242,74 @@ def build_val(out):
     return manifest
 
 
+# ---- Set C: outliers to train on (Hendrycks et al. 2019, outlier exposure) ----
+# name: (mirror dir, commit, path prefix, class folders left out)
+OUTLIER_SOURCES = {
+    # Caltech-101 (Fei-Fei et al. 2004): 101 object categories from web searches, about 300x200.
+    # Left out: the categories that are, or look at 32x32 like, one of the ten classes (planes,
+    # car sides, boats, birds, a dog, cats and cartoon ones, deer-like animals) and the unsorted
+    # BACKGROUND_Google, which holds anything.
+    "caltech101": ("MachineLearning2020+Homework2-Caltech101",
+                   "836044dd000296b2bb74d0aa4b4e462e459b01d7", "101_ObjectCategories/",
+                   {"BACKGROUND_Google", "airplanes", "car_side", "ferry", "ketch", "schooner",
+                    "emu", "flamingo", "flamingo_head", "ibis", "pigeon", "rooster", "dalmatian",
+                    "snoopy", "garfield", "cougar_body", "cougar_face", "wild_cat", "Leopards",
+                    "gerenuk", "okapi", "llama"}),
+    # "natural images" (Roy et al. 2018), 30x30 copies: people, flowers, fruit, motorbikes kept.
+    "natural_images": ("Keunyoung-Jung+my_first_DL",
+                       "932818bf4f04654be194dc41984a8c02610ea63a", "natural_images/",
+                       {"airplane", "car", "cat", "dog"}),
+}
+
+
+# ---- Set D: photos of the ten classes from the same web sources (labelled by folder) ----
+# Outliers alone teach "a downscaled web photo is none of the ten classes": the exposed network
+# flagged most in-class photos too. These photos show it web photos of the ten classes, labelled;
+# every other file of each class folder is kept aside to choose on (web-in/val).
+IN_CLASS_SOURCES = {
+    "caltech101": {"airplanes": "airplane", "car_side": "automobile", "ferry": "ship", "ketch": "ship",
+                   "schooner": "ship", "emu": "bird", "flamingo": "bird", "flamingo_head": "bird",
+                   "ibis": "bird", "pigeon": "bird", "rooster": "bird", "dalmatian": "dog"},
+    "natural_images": {"airplane": "airplane", "car": "automobile", "cat": "cat", "dog": "dog"},
+}
+
+
+def build_in_class(out):
+    manifest = []
+    for source, classes in IN_CLASS_SOURCES.items():
+        repo, commit, prefix, _ = OUTLIER_SOURCES[source]
+        for folder, cifar in classes.items():
+            files = [p for p, size in git_ls(repo, commit, prefix + folder + "/")
+                     if size <= MAX_BYTES and p.lower().endswith((".jpg", ".jpeg", ".png"))]
+            for i, p in enumerate(files):
+                half = "val" if i % 2 else "train"
+                dest = os.path.join(out, half, cifar, "%s_%s_%s" % (source, folder, os.path.basename(p)))
+                write(dest, git_read(repo, commit, p))
+                manifest.append((os.path.relpath(dest, out), source, p))
+    with open(os.path.join(out, "manifest.csv"), "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", "source", "origin"])
+        w.writerows(manifest)
+    return manifest
+
+
+def build_outliers(out):
+    manifest = []
+    for source, (repo, commit, prefix, left_out) in OUTLIER_SOURCES.items():
+        for p, size in git_ls(repo, commit, prefix):
+            cls = p[len(prefix):].split("/")[0]
+            if cls in left_out or size > MAX_BYTES or not p.lower().endswith((".jpg", ".jpeg", ".png")):
+                continue
+            dest = os.path.join(out, source, cls, os.path.basename(p))
+            write(dest, git_read(repo, commit, p))
+            manifest.append((os.path.relpath(dest, out), source, p))
+    with open(os.path.join(out, "manifest.csv"), "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", "source", "origin"])
+        w.writerows(manifest)
+    return manifest
+
+
 def cifar_class(wnid):
     if any(lo <= wnid <= hi for lo, hi in BIRD_RANGES):
         return "bird"
@@ -278,6 +351,10 @@ if __name__ == "__main__":
     args = ap.parse_args()
     val = build_val(os.path.join(args.out, "ood-val"))
     chk = build_check(os.path.join(args.out, "ood-check"))
+    outliers = build_outliers(os.path.join(args.out, "outliers"))
+    in_class = build_in_class(os.path.join(args.out, "web-in"))
     print("ood-val: %d images" % len(val))
     for kind in ("in", "out", "excluded"):
         print("ood-check %s: %d" % (kind, sum(r[2] == kind for r in chk)))
+    print("outliers: %d images" % len(outliers))
+    print("web-in: %d images (train and val halves)" % len(in_class))

@@ -58,6 +58,13 @@ class TrainConfig:
     teacher: str = ""                    # an exported SavedModel version to distil from
     distill_alpha: float = 0.1           # weight of the hard-label loss; the rest is the teacher's
     distill_temperature: float = 2.0     # softmax temperature of the distillation term
+    outliers: str = ""                   # outlier exposure (Hendrycks et al. 2019): a folder of images of
+                                         # none of the ten classes (data/outliers, training/lab/ood_sets.py)
+    outlier_photos: str = ""             # photos of the ten classes from the outliers' sources, one folder
+                                         # per class name (data/web-in/train): they join the outliers'
+                                         # stream with their labels, so a web photo alone means nothing
+    outlier_batch: int = 0               # images of that stream appended to every training batch
+    outlier_weight: float = 0.5          # weight of their loss: cross-entropy to the uniform distribution
     seed: int = 0
     reported_accuracy: float | None = None  # the seed README's test accuracy, for the study table
     reported_epochs: int | None = None
@@ -167,6 +174,18 @@ CONFIGS["student"] = replace(
                 "predictions, single view, 40 epochs, temperature-calibrated on 5,000 held-out images",
     widths=(64, 192, 256), epochs=40, tta="none", validation_size=5000, teacher="models/cifar10/3",
     distill_alpha=0.1, distill_temperature=4.0, precision="mixed_bfloat16")
+# The student again, taught also to be unsure of what is none of the ten classes (outlier
+# exposure, Hendrycks et al. 2019): 256 images join every batch of 1,024 from data/outliers
+# (Caltech-101's objects, people, flowers, fruit, motorbikes), their softmax pulled towards uniform
+# at weight 0.5, and from data/web-in/train (photos of six of the ten classes from the same web
+# sources), with their labels. Outliers alone taught "a web photo is none of the ten": that
+# network flagged 60-70% of the in-class photos (training/results/ood/student_oe/trials.md). No
+# ImageNet, and none of the images the out-of-distribution score is chosen or checked on.
+CONFIGS["student_oe"] = replace(
+    CONFIGS["student"], name="student_oe",
+    description="the student, with outlier exposure: 256 images in every batch of 1,024, web photos of none "
+                "of the ten classes (softmax pulled towards uniform) and of six of them (labelled)",
+    outliers="data/outliers", outlier_photos="data/web-in/train", outlier_batch=256, outlier_weight=0.5)
 # The student of a GPU session (training/lab/gpu_session.sh): the same network, taught by default_gpu's
 # run directory (its flip-and-translate predictions, computed under JAX), holding out the same
 # 5,000 images, so its held-out accuracy and temperature are measured on images neither saw.

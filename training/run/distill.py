@@ -108,33 +108,56 @@ class Distiller(Augmented):
     """Trains `student` on alpha * cross-entropy(labels) + (1 - alpha) * T^2 * KL(teacher_T ||
     student_T), where _T is a softmax at temperature T (keras-io's knowledge distillation, with
     the teacher's logits arriving beside the labels: y = [one-hot labels | teacher logits]).
-    Batches with labels only (validation) are scored on the labels alone. Like any trained model
-    here, the student sees its batches through the augmentation step (training.recipe.augment)."""
+    Batches with labels only (validation), and rows with a label and no teacher logits (photos
+    from outside CIFAR-10), are scored on the labels alone. Rows without a label (all zeros) are
+    outliers, images of none of the ten classes: they add outlier_weight times their cross-entropy
+    to the uniform distribution (outlier exposure, Hendrycks et al. 2019), so the network learns
+    to be unsure of what it was not trained on; labels, teacher and metrics see the other rows. Like any trained model here, the student sees its batches through the
+    augmentation step (training.recipe.augment)."""
 
-    def __init__(self, student, alpha, temperature, label_smoothing=0.0, augmentation=None, **kwargs):
+    def __init__(self, student, alpha, temperature, label_smoothing=0.0, augmentation=None, outlier_weight=0.0,
+                 **kwargs):
         super().__init__(student, augmentation, **kwargs)
-        self.alpha, self.temperature = alpha, temperature
-        self.hard_loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=label_smoothing)
+        self.alpha, self.temperature, self.outlier_weight = alpha, temperature, outlier_weight
+        self.hard_loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=label_smoothing,
+                                                              reduction=None)
 
     @property
     def student(self):
         return self.network
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        labels = y[:, :10]
-        loss = self.hard_loss(labels, y_pred)
+        labels, logits = y[:, :10], ops.cast(y_pred, "float32")
+        labelled = labelled_rows(labels)
+        per_row = ops.cast(self.hard_loss(labels, y_pred), "float32")
         if y.shape[-1] == 20:
             t = self.temperature
             teacher = ops.softmax(y[:, 10:] / t, axis=-1)
-            student = ops.log_softmax(ops.cast(y_pred, "float32") / t, axis=-1)
-            soft = ops.mean(ops.sum(teacher * (ops.log(ops.maximum(teacher, 1e-30)) - student), axis=-1))
-            loss = self.alpha * loss + (1 - self.alpha) * t ** 2 * soft
+            student = ops.log_softmax(logits / t, axis=-1)
+            soft = ops.sum(teacher * (ops.log(ops.maximum(teacher, 1e-30)) - student), axis=-1)
+            # Photos from outside CIFAR-10 come with labels and no teacher logits: the labels alone.
+            taught = ops.cast(ops.any(ops.not_equal(y[:, 10:], 0), axis=-1), "float32")
+            per_row = per_row + taught * ((self.alpha - 1) * per_row + (1 - self.alpha) * t ** 2 * soft)
+        loss = masked_mean(per_row, labelled)
+        if self.outlier_weight:
+            to_uniform = -ops.mean(ops.log_softmax(logits, axis=-1), axis=-1)
+            loss = loss + self.outlier_weight * masked_mean(to_uniform, 1 - labelled)
         if self.losses:
             loss = loss + ops.sum(self.losses)
         return loss
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        return super().compute_metrics(x, y[:, :10], y_pred, sample_weight)
+        labels = y[:, :10]
+        return super().compute_metrics(x, labels, y_pred, labelled_rows(labels))
+
+
+def labelled_rows(labels):
+    """1 for a row with a label, 0 for an outlier's (all zeros)."""
+    return ops.cast(ops.sum(labels, axis=-1) > 0, "float32")
+
+
+def masked_mean(values, weights):
+    return ops.sum(ops.cast(values, "float32") * weights) / ops.maximum(ops.sum(weights), 1.0)
 
 
 def main(argv=None):

@@ -5,13 +5,15 @@ are training.ship's (training/train.py runs both)."""
 
 import itertools
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import keras
 
 from training.recipe.augment import Augmentation
-from training.recipe.data import channel_stats, ensure_cifar10, load_cifar10, validation_indexes
+from training.recipe.data import CLASS_NAMES, channel_stats, ensure_cifar10, load_cifar10, validation_indexes
+from training.recipe.images import load_image_folder
 from training.recipe.models import WEIGHTS, build_model, save_network_weights
 from training.run.checkpoints import EpochCheckpoint, check_same_config, restore
 from training.run.distill import TEACHER_LOGITS, teacher_logits
@@ -20,23 +22,63 @@ from training.run.history import draw_history
 from training.run.optimizers import Lookahead, compile_model
 
 
-def training_batches(split, config, first_epoch, steps_per_epoch, soft_targets=None):
+def training_batches(split, config, first_epoch, steps_per_epoch, soft_targets=None, exposure=None):
     """Batches for epochs first_epoch.. in an order fixed by (seed, epoch), so a resumed run
     sees exactly the batches an uninterrupted one would: (inputs, targets) with inputs the raw
     uint8 pixels and, for the augmentation step (training.recipe.augment), each image's index in the
     split, the epoch and the batch number. With a teacher's `soft_targets`, the targets are
-    [one-hot labels | teacher logits], what the Distiller trains on. Plain numpy: the same
-    pipeline feeds TensorFlow and JAX."""
+    [one-hot labels | teacher logits], what the Distiller trains on. With `exposure` (uint8
+    images and their labels, -1 for an outlier: none of the ten classes), config.outlier_batch of
+    them join every batch, an outlier's targets all zeros and a photo's its one-hot label (and no
+    teacher logits), shuffled among the training images so that every replica of a distributed
+    step gets its share. Plain numpy: the same pipeline feeds TensorFlow and JAX."""
     targets = np.eye(10, dtype=np.float32)[split.labels]
     if soft_targets is not None:
         targets = np.concatenate([targets, np.asarray(soft_targets, np.float32)], axis=1)
     n, size = len(split.labels), config.batch_size
+    extra = config.outlier_batch if exposure is not None else 0
+    if extra:
+        images, labels = exposure
+        exposure_targets = np.zeros((len(labels), targets.shape[1]), np.float32)
+        exposure_targets[labels >= 0, labels[labels >= 0]] = 1
     for epoch in itertools.count(first_epoch):
         order = np.random.default_rng([config.seed, epoch]).permutation(n).astype(np.int32)
+        if extra:
+            exposure_order = np.random.default_rng([config.seed, epoch, 1]).permutation(len(labels))
         for batch in range(steps_per_epoch):
             index = order[batch * size:(batch + 1) * size]
-            yield ({"pixels": split.images[index], "index": index, "epoch": np.full(size, epoch, np.int32),
-                    "batch": np.full(size, batch, np.int32)}, targets[index])
+            pixels, batch_targets = split.images[index], targets[index]
+            if extra:
+                picked = exposure_order[(batch * extra + np.arange(extra)) % len(labels)]
+                mixed = np.random.default_rng([config.seed, epoch, batch, 1]).permutation(size + extra)
+                pixels = np.concatenate([pixels, images[picked]])[mixed]
+                batch_targets = np.concatenate([batch_targets, exposure_targets[picked]])[mixed]
+                index = np.concatenate([index, (picked % n).astype(np.int32)])[mixed]  # any index: it picks a flip
+            yield ({"pixels": pixels, "index": index, "epoch": np.full(size + extra, epoch, np.int32),
+                    "batch": np.full(size + extra, batch, np.int32)}, batch_targets)
+
+
+def load_exposure(config):
+    """config.outliers' images (label -1) and config.outlier_photos' (labelled by their class
+    folder), as the worker preprocesses an upload; or None."""
+    if not config.outliers:
+        return None
+    outliers, _ = load_image_folder(config.outliers)
+    if len(outliers) == 0:
+        raise ValueError(f"no image files under {config.outliers} (outliers): python -m training.lab.ood_sets")
+    if config.outlier_batch <= 0:
+        raise ValueError("outliers need an outlier_batch: how many join every training batch")
+    photos, names = (load_image_folder(config.outlier_photos) if config.outlier_photos
+                     else (outliers[:0], []))
+    folders = [Path(name).parts[0] for name in names]
+    unknown = sorted(set(folders) - set(CLASS_NAMES))
+    if unknown:
+        raise ValueError(f"{config.outlier_photos}: folders must be class names, not {', '.join(unknown)}")
+    labels = np.array([-1] * len(outliers) + [CLASS_NAMES.index(folder) for folder in folders], np.int64)
+    print(f"outlier exposure: {len(outliers)} images from {config.outliers}"
+          f"{f', {len(photos)} labelled photos from {config.outlier_photos}' if len(photos) else ''}, "
+          f"{config.outlier_batch} in every batch, weight {config.outlier_weight}", flush=True)
+    return np.concatenate([outliers, photos]), labels
 
 
 def test_data(split):
@@ -78,6 +120,7 @@ def fit(config, data, run_dir, train_limit=None, test_limit=None, verbose=None, 
     soft_targets = None
     if config.teacher:  # over every training image, so runs on slices can share one cache file
         soft_targets = teacher_logits(config.teacher, splits.all_train_images, run_dir / TEACHER_LOGITS)[splits.kept]
+    exposure = load_exposure(config)
     monitored = "val" if validation_split else "test"
 
     steps_per_epoch = len(train_split.labels) // config.batch_size
@@ -106,7 +149,7 @@ def fit(config, data, run_dir, train_limit=None, test_limit=None, verbose=None, 
         # TensorBoard's writer is TensorFlow's: under JAX, metrics.csv and history.png say the same.
         board = [keras.callbacks.TensorBoard(run_dir / "tensorboard")] if backend == "tensorflow" else []
         trained.fit(
-            training_batches(train_split, config, first_epoch, steps_per_epoch, soft_targets),
+            training_batches(train_split, config, first_epoch, steps_per_epoch, soft_targets, exposure),
             steps_per_epoch=steps_per_epoch, initial_epoch=first_epoch, epochs=config.epochs,
             validation_data=test_data(validation_split or test_split), validation_batch_size=500, shuffle=False,
             callbacks=[*([lookahead] if lookahead else []),

@@ -162,16 +162,17 @@ def jit_compile():
 
 def compile_model(model, config, steps_per_epoch, augmentation=None, jit=None):
     """The model that fit() trains and checkpoints hold: `model` behind the augmentation step
-    (training.recipe.augment.Augmented), or with a teacher the Distiller, which is one too. `jit`:
+    (training.recipe.augment.Augmented), or with a teacher or outliers the Distiller, which is one too. `jit`:
     XLA or not (default: jit_compile())."""
-    if config.teacher:
-        trained = Distiller(model, config.distill_alpha, config.distill_temperature, config.label_smoothing,
-                            augmentation)
+    if config.teacher or config.outliers:
+        trained = Distiller(model, config.distill_alpha if config.teacher else 1.0, config.distill_temperature,
+                            config.label_smoothing, augmentation, config.outlier_weight if config.outliers else 0.0)
         loss = None
     else:
         trained = Augmented(model, augmentation)
         loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing)
+    # Weighted: the Distiller weighs outliers' rows 0 (compiled `metrics` ignore sample weights).
     trained.compile(optimizer=make_optimizer(config, steps_per_epoch), loss=loss,
-                    metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+                    weighted_metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
                     jit_compile=jit_compile() if jit is None else jit)
     return trained

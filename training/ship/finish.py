@@ -19,6 +19,7 @@ from pathlib import Path
 
 from training.recipe.configs import TTA
 from training.recipe.data import CifarDataError, dataset_label
+from training.recipe.images import load_image_folder
 from training.run.checkpoints import STATE, trained_date, write_atomically
 from training.run.history import draw_history
 from training.run.rundir import finished_meta, network_from_run, saved_config
@@ -30,7 +31,7 @@ def finish_run(config, run_dir, splits, dataset, export_base=None, ood_val=None)
     out-of-distribution head (training.ship.ood): fitted on its training images, its threshold on the
     held-out ones; `ood_val`, a folder of images none of the ten classes, only reports what it flags."""
     from training.ship.evaluate import write_evaluation  # TensorFlow's side
-    from training.ship.ood import SHIPPED, fit_head, load_image_folder
+    from training.ship.ood import SHIPPED, fit_head
     run_dir = Path(run_dir)
     if not (run_dir / "history.png").is_file() and (run_dir / STATE).is_file():
         draw_history(run_dir, config, json.loads((run_dir / STATE).read_text())["history"])
