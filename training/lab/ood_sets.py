@@ -1,13 +1,15 @@
-"""Rebuild the two image sets the out-of-distribution head is chosen and checked on, from local mirrors.
+"""Rebuild the image sets the out-of-distribution head is trained, chosen and checked on, from local mirrors.
 
 Set A, "choosing" set (OOD validation):  data/ood-val/<source>/...
 Set B, "checking" set (ImageNet samples): data/ood-check/{in/<cifar_class>,out}/...
                                           + data/ood-check/mapping.csv
 Set C, training outliers (outlier exposure): data/outliers/<source>/<class>/...
                                           + data/outliers/manifest.csv
+Set D, in-class web photos:               data/web-in/{train,val}/<cifar_class>/...
+                                          + data/web-in/manifest.csv
 
-The three share no source: the outliers a network is trained to reject (set C) are neither the
-images a method is chosen on (A) nor the photos it is checked on (B), and none is from ImageNet.
+C and D come from the same two web sources; train/ of D is trained on beside C, val/ of D is chosen
+on beside A. C and D share no source with A or B, and neither is from ImageNet.
 
 Inputs are read only from bare git mirrors under MIRROR (made with the
 search tool's `fetch`) at the pinned commits below, and from the data files
