@@ -9,7 +9,8 @@ Set D, in-class web photos:               data/web-in/{train,val}/<cifar_class>/
                                           + data/web-in/manifest.csv
 
 C and D come from the same two web sources; train/ of D is trained on beside C, val/ of D is chosen
-on beside A. C and D share no source with A or B, and neither is from ImageNet.
+on beside A. C and D share no source with A or B, and neither source is ImageNet (natural_images
+compiles other public sets, unchecked here; no check photo has a copy in C or D: SOURCE-outliers.md).
 
 Inputs are read only from bare git mirrors under MIRROR (made with the
 search tool's `fetch`) at the pinned commits below, and from the data files
