@@ -198,7 +198,7 @@ def test_copied_sources_are_in_the_context(service):
     ("models/cifar10/2/assets.extra/model_card.json", False), ("gateway/static/app.js", False),
     ("models/cifar10/3/variables/variables.index", False), ("models/cifar10/1/saved_model.pb", True),
     ("gateway/openapi.json", False), ("gateway/static/swagger/swagger-ui-bundle.js", False),
-    ("models/cifar10/5/saved_model.pb", True), ("worker/protos/tfserving_apis.proto", False),
+    ("models/cifar10/5/saved_model.pb", False), ("models/cifar10/6/saved_model.pb", True), ("worker/protos/tfserving_apis.proto", False),
     ("worker/protos/tfserving_apis_pb2.py", True), ("tfserving/standin.py", False),
     (".git/HEAD", True), (".venv/bin/python", True), ("data/cifar-10-batches-py/x", True),
     ("runs/fast/ckpt", True), ("gateway/tests/test_app.py", True),

@@ -20,18 +20,21 @@ from pathlib import Path
 from training.recipe.configs import TTA
 from training.recipe.data import CifarDataError, dataset_label
 from training.recipe.images import load_image_folder
+from training.ship.ood import METHODS, SHIPPED
 from training.run.checkpoints import STATE, trained_date, write_atomically
 from training.run.history import draw_history
 from training.run.rundir import finished_meta, network_from_run, saved_config
 
 
-def finish_run(config, run_dir, splits, dataset, export_base=None, ood_val=None):
+def finish_run(config, run_dir, splits, dataset, export_base=None, ood_val=(), in_class_photos=(), ood_method=None):
     """Evaluation report (and, with export_base, a new version, once per TTA choice) of the run's
     weights file; returns the evaluation. A run with a validation split exports with the
-    out-of-distribution head (training.ship.ood): fitted on its training images, its threshold on the
-    held-out ones; `ood_val`, a folder of images none of the ten classes, only reports what it flags."""
+    out-of-distribution head (training.ship.ood, `ood_method` or SHIPPED): fitted on its training
+    images, its threshold on the held-out ones; `ood_val`, folders of images of none of the ten
+    classes, only report what it flags, unless `in_class_photos`, folders of photos of the ten, are
+    given too: then the threshold is the one that separates the two best (ood.choose_threshold)."""
     from training.ship.evaluate import write_evaluation  # TensorFlow's side
-    from training.ship.ood import SHIPPED, fit_head
+    from training.ship.ood import fit_head
     run_dir = Path(run_dir)
     if not (run_dir / "history.png").is_file() and (run_dir / STATE).is_file():
         draw_history(run_dir, config, json.loads((run_dir / STATE).read_text())["history"])
@@ -41,10 +44,18 @@ def finish_run(config, run_dir, splits, dataset, export_base=None, ood_val=None)
     if export_base:
         ood = None
         if splits.validation is not None:
-            ood = fit_head(SHIPPED, model, splits.train, splits.validation, temperature,
-                           load_image_folder(ood_val)[0] if ood_val else None)
+            ood = fit_head(ood_method or SHIPPED, model, splits.train, splits.validation, temperature,
+                           images_of(ood_val), images_of(in_class_photos))
         export_once(model, config, run_dir, export_base, temperature, evaluation, ood)
     return evaluation
+
+
+def images_of(folders):
+    """Every image under `folders`, as the worker preprocesses an upload; None for no folders."""
+    if not folders:
+        return None
+    import numpy as np
+    return np.concatenate([load_image_folder(folder)[0] for folder in folders])
 
 
 def export_once(model, config, run_dir, export_base, temperature=1.0, evaluation=None, ood=None):
@@ -72,8 +83,13 @@ def main(argv=None):
     parser.add_argument("--data", default="data")
     parser.add_argument("--export-base", help="export a new SavedModel version under this path")
     parser.add_argument("--tta", choices=TTA, help="test-time augmentation (default: the configuration's)")
-    parser.add_argument("--ood-val", help="a folder of images of none of the ten classes: the model card says "
-                        "what share the out-of-distribution threshold flags")
+    parser.add_argument("--ood-val", action="append", default=[], metavar="FOLDER",
+                        help="images of none of the ten classes (repeatable): the model card says what share "
+                        "the out-of-distribution threshold flags")
+    parser.add_argument("--in-class-photos", action="append", default=[], metavar="FOLDER",
+                        help="photos of the ten classes (repeatable): with --ood-val, the threshold is the one "
+                        "that tells the two apart best, flagging at most 5%% of the held-out images")
+    parser.add_argument("--ood-method", choices=METHODS, help=f"the out-of-distribution score (default {SHIPPED})")
     args = parser.parse_args(argv)
     import keras
     if keras.backend.backend() != "tensorflow":
@@ -85,7 +101,10 @@ def main(argv=None):
         config = replace(config, tta=args.tta or config.tta)
         meta = finished_meta(run_dir, config)
         splits = load_splits(config, args.data, meta.get("train_limit"), meta.get("test_limit"))
-        evaluation = finish_run(config, run_dir, splits, dataset_label(args.data), args.export_base, args.ood_val)
+        if args.in_class_photos and not args.ood_val:
+            raise ValueError("--in-class-photos choose the threshold against --ood-val: give both")
+        evaluation = finish_run(config, run_dir, splits, dataset_label(args.data), args.export_base, args.ood_val,
+                                args.in_class_photos, args.ood_method)
     except (CifarDataError, ValueError) as exc:
         sys.exit(f"error: {exc}")
     print(f"{run_dir} (trained under {meta['backend']}): test accuracy {evaluation['accuracy']:.4f} "

@@ -17,7 +17,11 @@ Scores compared (`python -m training.ship.ood RUN_DIR --set NAME=FOLDER`, docs/o
   images: the logits and the features miss different images.
 Class means, covariances and banks are fitted on the training images only (never the held-out
 split, which chooses the threshold, nor the test split). The threshold flags THRESHOLD_FLAGS of the
-held-out images: any higher and more of the ten classes would be refused.
+held-out images: any higher and more of the ten classes would be refused. Given photos of the ten
+classes and images of none of them to choose on, it is instead the one that tells those two apart
+best (most of the out-of-class images flagged minus most of the in-class photos), where that flags
+no more than THRESHOLD_FLAGS of the held-out images: a real photo of a dog is further from the
+training images than a held-out CIFAR-10 one, and a threshold set by the latter alone flags it.
 """
 
 import argparse
@@ -34,8 +38,10 @@ from training.recipe.images import load_image_folder
 METHODS = ("msp", "energy", "mahalanobis", "relative_mahalanobis", "knn", "mahalanobis_blocks",
            "relative_mahalanobis_blocks", "knn_blocks", "energy+relative_mahalanobis",
            "energy+relative_mahalanobis_blocks", "energy+knn_blocks")
-SHIPPED = "energy+relative_mahalanobis_blocks"  # chosen on the validation sets: docs/ood.md
-THRESHOLD_FLAGS = 0.05  # share of the held-out training images flagged at the shipped threshold
+# An export's head unless told otherwise (version 4's, chosen on ood-val alone); version 5's is
+# energy, chosen with in-class photos too (training.ship.finish --ood-method, docs/ood.md).
+SHIPPED = "energy+relative_mahalanobis_blocks"
+THRESHOLD_FLAGS = 0.05  # the most of the held-out training images a threshold may flag
 KNN_BANK, KNN_K = 5000, 10
 
 
@@ -189,16 +195,41 @@ class OodHead:
     scorer: Scorer
     threshold: float
     flagged: dict  # set name -> share flagged at the threshold
+    rule: str = f"flags {THRESHOLD_FLAGS:.0%} of the held-out training images"
 
     def card(self):
-        return {**self.scorer.describe(), "threshold": round(self.threshold, 6),
+        return {**self.scorer.describe(), "threshold": round(self.threshold, 6), "threshold_rule": self.rule,
                 "flagged_at_threshold": {k: round(v, 4) for k, v in self.flagged.items()}}
 
 
-def fit_head(method, model, train, validation, temperature=1.0, ood_images=None):
+def separating_threshold(inside, outside):
+    """The threshold with the largest share of `outside` above it minus the share of `inside`
+    (Youden's J): the point of the ROC curve furthest from chance."""
+    candidates = np.unique(np.concatenate([inside, outside]))
+    gain = [(outside > t).mean() - (inside > t).mean() for t in candidates]
+    return float(candidates[int(np.argmax(gain))])
+
+
+def choose_threshold(held_out, in_class=None, out_of_class=None):
+    """(threshold, the rule that set it): the one that flags THRESHOLD_FLAGS of the held-out scores,
+    or with in-class and out-of-class scores to choose on, the one that separates them best as long
+    as it flags no more of the held-out ones."""
+    limit = threshold(held_out)
+    rule = f"flags {THRESHOLD_FLAGS:.0%} of the held-out training images"
+    if in_class is None or out_of_class is None or not len(in_class) or not len(out_of_class):
+        return limit, rule
+    best = separating_threshold(in_class, out_of_class)
+    if best >= limit:
+        return best, (f"best separates in-class photos from out-of-class images (Youden's J), "
+                      f"flagging at most {THRESHOLD_FLAGS:.0%} of the held-out training images")
+    return limit, rule + f" (the best separating one, {best:.4f}, would flag more)"
+
+
+def fit_head(method, model, train, validation, temperature=1.0, ood_images=None, in_class_photos=None):
     """The head an export folds in: `method` fitted on the training images' features, the
     threshold on the held-out ones; with `ood_images` (uint8, preprocessed as served), what it flags
-    of them too."""
+    of them too, and with `in_class_photos` as well, the threshold is chosen between the two
+    (choose_threshold)."""
     blocks = Scorer(method).blocks
     features, logits = features_and_logits(model, train.images, blocks)
     scorer = Scorer.fit(method, features, train.labels, logits / temperature)
@@ -207,11 +238,15 @@ def fit_head(method, model, train, validation, temperature=1.0, ood_images=None)
         f, l = features_and_logits(model, images, blocks)
         return scorer.score(f, l / temperature)
     held_out = scores(validation.images)
-    limit = threshold(held_out)
+    outside = scores(ood_images) if ood_images is not None and len(ood_images) else None
+    inside = scores(in_class_photos) if in_class_photos is not None and len(in_class_photos) else None
+    limit, rule = choose_threshold(held_out, inside, outside)
     flagged = {"held-out training images": float((held_out > limit).mean())}
-    if ood_images is not None and len(ood_images):
-        flagged["out-of-distribution validation images"] = float((scores(ood_images) > limit).mean())
-    return OodHead(scorer, limit, flagged)
+    if outside is not None:
+        flagged["out-of-distribution validation images"] = float((outside > limit).mean())
+    if inside is not None:
+        flagged["in-class validation photos"] = float((inside > limit).mean())
+    return OodHead(scorer, limit, flagged, rule)
 
 
 # --- choosing a method on images from files ---------------------------------------------------

@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from training.ship.ood import METHODS, SHIPPED, Scorer, auroc, fpr_at_95_tpr, threshold
+from training.ship.ood import (METHODS, SHIPPED, Scorer, auroc, choose_threshold, fpr_at_95_tpr,
+                               separating_threshold, threshold)
 from training.tests.conftest import TINY_SLICE, run_training
 
 
@@ -66,6 +67,21 @@ def test_auroc_counts_every_pair_and_the_threshold_flags_five_percent():
     assert fpr_at_95_tpr(inside, outside) == pytest.approx((outside <= threshold(inside)).mean())
     with pytest.raises(ValueError, match="unknown out-of-distribution score"):
         Scorer.fit("entropy", inside[:, None], np.zeros(400, int))
+
+
+def test_the_threshold_separates_in_class_photos_from_outliers_but_never_flags_more_than_five_percent_held_out():
+    rng = np.random.default_rng(0)
+    inside, outside = rng.normal(0, 1, 4000), rng.normal(3, 1, 4000)
+    # Two unit Gaussians 3 apart: the point furthest from chance is halfway.
+    assert separating_threshold(inside, outside) == pytest.approx(1.5, abs=0.15)
+    held_out = rng.normal(-2, 1, 4000)  # the training images' kind: further from the outliers still
+    limit, rule = choose_threshold(held_out, inside, outside)
+    assert limit == separating_threshold(inside, outside) and "Youden" in rule
+    assert (held_out > limit).mean() < 0.05
+    close_held_out = rng.normal(1, 1, 4000)  # the halfway threshold would flag about 31% of these
+    limit, rule = choose_threshold(close_held_out, inside, outside)
+    assert limit == threshold(close_held_out) and "would flag more" in rule
+    assert choose_threshold(held_out) == (threshold(held_out), "flags 5% of the held-out training images")
 
 
 @pytest.fixture(scope="module")
