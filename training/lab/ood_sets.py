@@ -367,15 +367,15 @@ def pixels32(data):
 def correlations_with(check_folder, candidates):
     """For each row of `candidates` ([N, 3072] pixels), its highest Pearson correlation with any
     image under `check_folder`."""
-    checks = [pixels32(open(os.path.join(d, f), "rb").read())
-              for d, _, names in os.walk(check_folder) for f in names if f.endswith(".JPEG")]
-    if not checks:
+    from training.recipe.images import load_image_folder
+    checks = load_image_folder(check_folder)[0].reshape(-1, 32 * 32 * 3).astype(np.float32)
+    if not len(checks):
         raise SystemExit("%s holds no check photos: build it first" % check_folder)
 
     def standardized(x):
         x = x - x.mean(axis=1, keepdims=True)
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
-    reference = standardized(np.stack(checks))
+    reference = standardized(checks)
     return np.concatenate([(standardized(chunk) @ reference.T).max(axis=1)
                            for chunk in np.array_split(candidates, max(1, len(candidates) // 4096))])
 

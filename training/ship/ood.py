@@ -42,6 +42,7 @@ METHODS = ("msp", "energy", "mahalanobis", "relative_mahalanobis", "knn", "mahal
 # energy, chosen with in-class photos too (training.ship.finish --ood-method, docs/ood.md).
 SHIPPED = "energy+relative_mahalanobis_blocks"
 THRESHOLD_FLAGS = 0.05  # the most of the held-out training images a threshold may flag
+HELD_OUT_RULE = f"flags {THRESHOLD_FLAGS:.0%} of the held-out training images"
 KNN_BANK, KNN_K = 5000, 10
 
 
@@ -195,7 +196,7 @@ class OodHead:
     scorer: Scorer
     threshold: float
     flagged: dict  # set name -> share flagged at the threshold
-    rule: str = f"flags {THRESHOLD_FLAGS:.0%} of the held-out training images"
+    rule: str = HELD_OUT_RULE
 
     def card(self):
         return {**self.scorer.describe(), "threshold": round(self.threshold, 6), "threshold_rule": self.rule,
@@ -215,14 +216,13 @@ def choose_threshold(held_out, in_class=None, out_of_class=None):
     or with in-class and out-of-class scores to choose on, the one that separates them best as long
     as it flags no more of the held-out ones."""
     limit = threshold(held_out)
-    rule = f"flags {THRESHOLD_FLAGS:.0%} of the held-out training images"
     if in_class is None or out_of_class is None or not len(in_class) or not len(out_of_class):
-        return limit, rule
+        return limit, HELD_OUT_RULE
     best = separating_threshold(in_class, out_of_class)
     if best >= limit:
         return best, (f"best separates in-class photos from out-of-class images (Youden's J), "
                       f"flagging at most {THRESHOLD_FLAGS:.0%} of the held-out training images")
-    return limit, rule + f" (the best separating one, {best:.4f}, would flag more)"
+    return limit, HELD_OUT_RULE + f" (the best separating one, {best:.4f}, would flag more)"
 
 
 def fit_head(method, model, train, validation, temperature=1.0, ood_images=None, in_class_photos=None):
